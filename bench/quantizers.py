@@ -1,0 +1,179 @@
+"""Quantizer speed and error against a faithful re-implementation of the released reference.
+
+Run: ``python bench/quantizers.py [--quick] [--ref-channels 48] [--out FILE.md]``
+
+For PixArt-sized weights (gaussian with a few outliers) it times all six options of our batched
+quantizers and, side by side in the same run, the released code's way of doing it on a subset of
+channels (scikit-learn ``KMeans(2^b, max_iter=100)`` per channel; the UAQ 10-candidate clip loop per
+channel in Python), scaled to the whole layer. Errors are compared on the same channels. It also
+estimates the time for all six options of a PixArt-size model (610 M weights) from per-layer timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS, quantize_weight
+
+OPTIONS = [(m, b) for b in (4, 3) for m in ("uaq", "kmeans_c", "kmeans_a")]
+
+# PixArt-α/Σ quantized layers as (count, out, in): 28 blocks x (SA q,k,v,o + CA q,k,v,o, FF1, FF2)
+# plus patchify, t-embedding MLP, adaLN, caption projection and the output projection.
+PIXART_LAYERS = [
+    (28 * 8, 1152, 1152),
+    (28, 4608, 1152),
+    (28, 1152, 4608),
+    (1, 1152, 16),
+    (1, 1152, 256),
+    (1, 1152, 1152),
+    (1, 6912, 1152),
+    (1, 1152, 4096),
+    (1, 1152, 1152),
+    (1, 32, 1152),
+]
+
+
+def make_weight(n_out: int, k_in: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, k_in, generator=g) * 0.02
+    outliers = torch.rand(n_out, k_in, generator=g) < 1e-3
+    w[outliers] *= 8.0
+    return w.half()
+
+
+def ref_uaq_channel(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The released per-channel loop: try 10 clip factors, keep the lowest mean |w-q|^2.4."""
+    qmax = 2**bits - 1
+    best, best_q = None, None
+    for alpha in UAQ_ALPHAS:
+        mx, mn = alpha * w.max(), alpha * w.min()
+        delta = (mx - mn) / qmax
+        if delta <= 0:
+            return w.clone()
+        z = torch.round(-mn / delta)
+        q = (torch.clamp(torch.round(w / delta) + z, 0, qmax) - z) * delta
+        score = (w - q).abs().pow(LP_NORM).mean()
+        if best is None or score < best:
+            best, best_q = score, q
+    return best_q
+
+
+def ref_kmeans(values: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    from sklearn.cluster import KMeans
+
+    x = values.double().numpy().reshape(-1, 1)
+    k = min(2**bits, len(x))
+    km = KMeans(n_clusters=k, max_iter=100, random_state=seed).fit(x)
+    return torch.from_numpy(km.cluster_centers_[km.labels_, 0]).float()
+
+
+def channel_mse(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (w.float() - q.float()).pow(2).mean(dim=-1)
+
+
+def bench_shape(n_out: int, k_in: int, ref_channels: int, kmeans_a_ref: bool) -> list[dict]:
+    w = make_weight(n_out, k_in)
+    wf = w.float()
+    chans = torch.linspace(0, n_out - 1, ref_channels).long()
+    rows = []
+    ref_kmeans(wf[0], 3, seed=0)  # warm-up: scikit-learn's first call pays imports and thread-pool setup
+    for method, bits in OPTIONS:
+        quantize_weight(w[:64], method, bits)  # warm-up
+        t0 = time.perf_counter()
+        qw = quantize_weight(w, method, bits, seed=0)
+        t_ours = time.perf_counter() - t0
+        deq = qw.dequantize(torch.float32)
+        ours_err = channel_mse(wf[chans], deq[chans]).mean().item()
+        t_ref = ref_err = None
+        if method == "uaq":
+            t0 = time.perf_counter()
+            q = torch.stack([ref_uaq_channel(wf[c], bits) for c in chans])
+            t_ref = (time.perf_counter() - t0) * n_out / len(chans)
+            ref_err = channel_mse(wf[chans], q).mean().item()
+        elif method == "kmeans_c":
+            t0 = time.perf_counter()
+            q = torch.stack([ref_kmeans(wf[c], bits, seed=i) for i, c in enumerate(chans.tolist())])
+            t_ref = (time.perf_counter() - t0) * n_out / len(chans)
+            ref_err = channel_mse(wf[chans], q).mean().item()
+        elif kmeans_a_ref:
+            t0 = time.perf_counter()
+            q = ref_kmeans(wf.reshape(-1), bits, seed=0).reshape(n_out, k_in)
+            t_ref = time.perf_counter() - t0
+            ours_err = channel_mse(wf, deq).mean().item()
+            ref_err = channel_mse(wf, q).mean().item()
+        rows.append(
+            dict(shape=f"{n_out}x{k_in}", option=f"{method}-{bits}", t_ours=t_ours, t_ref=t_ref,
+                 err_ours=ours_err, err_ref=ref_err, rel_error=qw.rel_error, per_weight=t_ours / w.numel())
+        )
+    return rows
+
+
+def pixart_estimate(per_weight: dict[tuple[int, int], float]) -> float:
+    """Seconds for all six options of PixArt's 610 M weights, from the nearest measured shape."""
+    total = 0.0
+    for count, n_out, k_in in PIXART_LAYERS:
+        key = min(per_weight, key=lambda s: abs(s[0] * s[1] - n_out * k_in) + abs(s[0] - n_out))
+        total += count * n_out * k_in * per_weight[key]
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer reference channels")
+    ap.add_argument("--ref-channels", type=int, default=48, help="channels run through the reference")
+    ap.add_argument("--kmeans-a-ref", action="store_true", help="also run sklearn on a whole layer (slow)")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = ap.parse_args()
+    shapes = [(4608, 1152)] if args.quick else [(1152, 4608), (4608, 1152), (1152, 1152)]
+    ref_channels = min(args.ref_channels, 16) if args.quick else args.ref_channels
+    rows = []
+    for n_out, k_in in shapes:
+        rows += bench_shape(n_out, k_in, ref_channels, args.kmeans_a_ref and not args.quick)
+
+    lines = [
+        f"Quantizer benchmark — {datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, reference on {ref_channels} channels/layer",
+        "",
+        "| shape (out×in) | option | ours s | reference s (scaled) | speed-up | ours MSE/channel | ref MSE/channel"
+        " | error ratio | rel. error ‖W−Q‖²/‖W‖² |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{r['t_ref'] / r['t_ours']:.0f}×" if r["t_ref"] else "—"
+        ratio = f"{r['err_ours'] / r['err_ref']:.4f}" if r["err_ref"] else "—"
+        t_ref = f"{r['t_ref']:.2f}" if r["t_ref"] else "—"
+        err_ref = f"{r['err_ref']:.4e}" if r["err_ref"] else "—"
+        lines.append(
+            f"| {r['shape']} | {r['option']} | {r['t_ours']:.3f} | {t_ref} | {speed} | {r['err_ours']:.4e}"
+            f" | {err_ref} | {ratio} | {r['rel_error']:.5f} |"
+        )
+    per_weight: dict[tuple[int, int], float] = {}
+    for r in rows:
+        n_out, k_in = map(int, r["shape"].split("x"))
+        per_weight[(n_out, k_in)] = per_weight.get((n_out, k_in), 0.0) + r["per_weight"]
+    est = pixart_estimate(per_weight)
+    kc = [r for r in rows if r["option"].startswith("kmeans_c")]
+    kc_speed = min(r["t_ref"] / r["t_ours"] for r in kc)
+    kc_err = max(r["err_ours"] / r["err_ref"] for r in kc)
+    uaq_err = max(r["err_ours"] / r["err_ref"] for r in rows if r["option"].startswith("uaq"))
+    lines += [
+        "",
+        f"- K-Means-C: slowest speed-up {kc_speed:.0f}× (target ≥ 100×), worst error ratio {kc_err:.4f}"
+        f" (target ≤ 1.02) → {'PASS' if kc_speed >= 100 and kc_err <= 1.02 else 'FAIL'}",
+        f"- UAQ: worst error ratio {uaq_err:.4f} (target ≤ 1.0) → {'PASS' if uaq_err <= 1.0 + 1e-6 else 'FAIL'}",
+        f"- All six options for PixArt (610 M weights), estimated from per-layer timings: {est / 60:.1f} min"
+        f" (target ≤ 15 min) → {'PASS' if est <= 900 else 'FAIL'}",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

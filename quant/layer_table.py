@@ -1,0 +1,81 @@
+"""The quantizable layers of a torch model: names, kinds, weight shapes, dtypes and fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable weight layer: module name, ``"linear"``/``"conv2d"``, weight shape and dtype."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown floating dtype {name!r}")
+    return dtype
+
+
+def _layer_of(name: str, module: nn.Module) -> LayerInfo | None:
+    # Quantized layers (quant/layers.py) describe the dense weight they replace.
+    info = getattr(module, "layer_info", None)
+    if callable(info):
+        return info(name)
+    if isinstance(module, QUANTIZABLE_TYPES):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() >= 2:
+            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            return LayerInfo(name, kind, tuple(weight.shape), weight.dtype)
+    return None
+
+
+def quantizable_layers(model: nn.Module | Iterable[LayerInfo]) -> list[LayerInfo]:
+    """Every Linear/Conv2d weight layer of ``model`` in module order (or a given layer list)."""
+    if not isinstance(model, nn.Module):
+        return list(model)
+    return [info for name, mod in model.named_modules() if (info := _layer_of(name, mod)) is not None]
+
+
+def layers_fingerprint(layers: Iterable[LayerInfo]) -> str:
+    """Fingerprint of a layer table (names and shapes): identifies a model architecture."""
+    items = [[layer.name, list(layer.shape)] for layer in layers]
+    return hashlib.blake2b(json.dumps(items).encode(), digest_size=12).hexdigest()
+
+
+def weights_fingerprint(model: nn.Module, layers: Iterable[LayerInfo] | None = None) -> str:
+    """Fingerprint of the layer table *and* the weight values (keys the on-disk option-table cache)."""
+    h = hashlib.blake2b(digest_size=16)
+    modules = dict(model.named_modules())
+    for layer in layers if layers is not None else quantizable_layers(model):
+        w = modules[layer.name].weight.detach()
+        h.update(json.dumps(layer.to_json()).encode())
+        h.update(w.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

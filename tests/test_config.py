@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from qua2sedimo.quant import QuantConfig, quantizable_layers, quantize_weight
+from torch import nn
+
+
+def tiny(width=32, dtype=torch.float16):
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("patch", nn.Conv2d(4, width, 2, stride=2))
+    m.add_module("blocks", nn.ModuleList([nn.Linear(width, width) for _ in range(3)]))
+    m.add_module("final_layer", nn.Linear(width, 8))
+    return m.to(dtype)
+
+
+def test_uniform_with_keep():
+    m = tiny()
+    cfg = QuantConfig.uniform(m, "uaq-4", keep=("final_layer", "patch*"))
+    assert cfg.options["final_layer"] == "fp16" and cfg.options["patch"] == "fp16"
+    assert cfg.counts()["uaq-4"] == 3
+    with pytest.raises(ValueError, match="matches no layer.*did you mean 'final_layer'"):
+        QuantConfig.uniform(m, "uaq-4", keep=("final_layr",))
+    with pytest.raises(ValueError, match="invalid option 'uaq4'"):
+        QuantConfig.uniform(m, "uaq4")
+
+
+def test_from_options():
+    m = tiny()
+    cfg = QuantConfig.from_options(m, {"blocks.0": "kmeans_c-3", "blocks.1": "kmeans_a-4"})
+    assert cfg.options == {
+        "patch": "fp16", "blocks.0": "kmeans_c-3", "blocks.1": "kmeans_a-4", "blocks.2": "fp16", "final_layer": "fp16"
+    }
+    with pytest.raises(ValueError, match="did you mean 'blocks.0'"):
+        QuantConfig.from_options(m, {"blocks.00": "uaq-4"})
+    with pytest.raises(ValueError, match="unknown quantization method 'gptq' for layer 'blocks.0'"):
+        QuantConfig.from_options(m, {"blocks.0": "gptq-4"})
+
+
+def test_json_round_trip_and_validation(tmp_path):
+    m = tiny()
+    cfg = QuantConfig.from_options(m, {"blocks.2": "kmeans_c-3"}, default="uaq-4", meta={"note": "x"})
+    again = QuantConfig.from_json(cfg.to_json(), model=m)
+    assert again.options == cfg.options and again.meta["note"] == "x" and again.fingerprint == cfg.fingerprint
+    cfg.save(tmp_path / "c.json")
+    assert QuantConfig.load(tmp_path / "c.json", model=m).options == cfg.options
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    other = tiny(width=48)
+    with pytest.raises(ValueError, match="made for another model.*other shapes"):
+        QuantConfig.from_json(cfg.to_json(), model=other)
+    data = json.loads(cfg.to_json())
+    data["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        QuantConfig.from_dict(data)
+    data = json.loads(cfg.to_json())
+    data["layers"][0]["shape"] = [1, 2]
+    with pytest.raises(ValueError, match="fingerprint does not match"):
+        QuantConfig.from_dict(data)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        QuantConfig.from_json("{")
+    with pytest.raises(ValueError, match="not a Qua2SeDiMo config"):
+        QuantConfig.from_json("{}")
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="cannot read config file"):
+        QuantConfig.load(tmp_path / "bad.json")
+
+
+def test_avg_bits_matches_real_quantization():
+    m = tiny(width=64)
+    cfg = QuantConfig.from_options(m, {"blocks.0": "kmeans_c-3", "blocks.1": "uaq-4", "blocks.2": "kmeans_a-3"})
+    layers = {layer.name: layer for layer in quantizable_layers(m)}
+    modules = dict(m.named_modules())
+    paper = stored = n = 0
+    for name, option in cfg.options.items():
+        w = modules[name].weight
+        n += w.numel()
+        if option == "fp16":
+            paper += w.numel() * 2
+            stored += w.numel() * 2
+        else:
+            method, bits = option.split("-")
+            q = quantize_weight(w, method, int(bits))
+            paper += q.paper_nbytes
+            stored += q.nbytes
+    assert cfg.avg_bits(m) == pytest.approx(8 * paper / n)
+    assert cfg.avg_bits(m, "stored") == pytest.approx(8 * stored / n)
+    assert cfg.nbytes() == stored
+    assert len(layers) == 5
+
+
+def test_no_quantizable_layers():
+    with pytest.raises(ValueError, match="no quantizable"):
+        QuantConfig.uniform(nn.Sequential(nn.ReLU()), "uaq-4")

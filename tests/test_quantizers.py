@@ -1,0 +1,176 @@
+import math
+
+import pytest
+import torch
+from qua2sedimo.quant import METHODS, paper_nbytes, quantize_weight, stored_nbytes
+from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS
+
+
+def weight(n_out=48, k_in=96, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, k_in, generator=g) * 0.02
+    w[torch.rand(n_out, k_in, generator=g) < 0.01] *= 8
+    return w.to(dtype)
+
+
+def ref_uaq_row(w, bits):
+    """The released code's per-channel loop, written independently."""
+    qmax = 2**bits - 1
+    best, best_q = math.inf, None
+    for alpha in UAQ_ALPHAS:
+        mx, mn = alpha * float(w.max()), alpha * float(w.min())
+        delta = (mx - mn) / qmax
+        z = round(-mn / delta)
+        q = (torch.clamp(torch.round(w / delta) + z, 0, qmax) - z) * delta
+        score = float((w - q).abs().pow(LP_NORM).mean())
+        if score < best:
+            best, best_q = score, q
+    return best_q
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_uaq_matches_reference_loop(bits):
+    w = weight()
+    q = quantize_weight(w, "uaq", bits).dequantize()
+    ref = torch.stack([ref_uaq_row(row.double(), bits) for row in w.double()]).float()
+    assert torch.allclose(q, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["kmeans_c", "kmeans_a"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kmeans_is_a_lloyd_fixed_point(method, bits):
+    w = weight()
+    qw = quantize_weight(w, method, bits, seed=1)
+    q = qw.dequantize()
+    lut = qw.lut.float()
+    assert lut.shape == ((48 if method == "kmeans_c" else 1), 2**bits)
+    rows = w if method == "kmeans_c" else w.reshape(1, -1)
+    qrows = q if method == "kmeans_c" else q.reshape(1, -1)
+    for r in range(rows.shape[0]):
+        x, xq, c = rows[r], qrows[r], lut[r]
+        # every weight maps to its nearest centroid ...
+        nearest = (x[:, None] - c[None, :]).abs().min(dim=1).values
+        assert torch.allclose((x - xq).abs(), nearest, atol=1e-6)
+        # ... and every used centroid is the mean of its weights
+        for v in xq.unique():
+            assert abs(float(x[xq == v].mean()) - float(v)) < 1e-5
+
+
+def test_kmeans_c_beats_or_matches_sklearn():
+    sklearn = pytest.importorskip("sklearn.cluster")
+    w = weight(16, 256)
+    for bits in (3, 4):
+        ours = (quantize_weight(w, "kmeans_c", bits).dequantize() - w).pow(2).mean(dim=1)
+        ref = []
+        for i, row in enumerate(w.double().numpy()):
+            km = sklearn.KMeans(n_clusters=2**bits, max_iter=100, random_state=i).fit(row.reshape(-1, 1))
+            ref.append(((km.cluster_centers_[km.labels_, 0] - row) ** 2).mean())
+        assert float(ours.mean()) <= 1.02 * float(torch.tensor(ref).mean())
+
+
+def test_kmeans_beats_uaq_and_more_bits_help():
+    w = weight()
+    err = {(m, b): quantize_weight(w, m, b).rel_error for m in METHODS for b in (3, 4)}
+    assert err[("kmeans_c", 4)] < err[("uaq", 4)]
+    assert err[("kmeans_c", 3)] < err[("uaq", 3)]
+    for m in METHODS:
+        assert err[(m, 4)] < err[(m, 3)]
+
+
+def test_errors_are_the_documented_ones():
+    w = weight()
+    qw = quantize_weight(w, "kmeans_a", 3)
+    d = w - qw.dequantize()
+    assert qw.rel_error == pytest.approx(float(d.pow(2).sum() / w.pow(2).sum()), rel=1e-5)
+    assert qw.lp_error == pytest.approx(float(d.abs().pow(2.4).mean()), rel=1e-5)
+
+
+def test_conv_weight_per_output_channel():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    qw = quantize_weight(w, "kmeans_c", 4)
+    assert qw.dequantize().shape == w.shape
+    assert qw.lut.shape == (8, 16) and qw.k_in == 36
+    assert qw.rel_error < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_dtypes_round_trip(dtype, method):
+    w = weight(dtype=dtype)
+    qw = quantize_weight(w, method, 4)
+    assert qw.dequantize().dtype == dtype and qw.lut.dtype == dtype
+    assert qw.rel_error < 0.05
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_seeded_and_deterministic(method):
+    w = weight()
+    a, b = quantize_weight(w, method, 3, seed=7), quantize_weight(w, method, 3, seed=7)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.lut, b.lut)
+
+
+def test_group_wise_uaq():
+    w = weight(16, 128)
+    per_channel = quantize_weight(w, "uaq", 3)
+    grouped = quantize_weight(w, "uaq", 3, group_size=32)
+    assert grouped.lut.shape == (16 * 4, 8)
+    assert grouped.rel_error < per_channel.rel_error
+    assert grouped.nbytes == stored_nbytes(w.shape, "uaq", 3, w.dtype, group_size=32)
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight(w, "uaq", 3, group_size=48)
+    with pytest.raises(ValueError, match="only defined for 'uaq'"):
+        quantize_weight(w, "kmeans_c", 3, group_size=32)
+
+
+def test_constant_and_tiny_rows():
+    w = torch.zeros(4, 8)
+    w[1] = 0.5
+    for m in METHODS:
+        assert torch.equal(quantize_weight(w, m, 3).dequantize(), w)
+    small = torch.randn(3, 5)  # fewer weights per channel than 2^4 centroids
+    assert torch.allclose(quantize_weight(small, "kmeans_c", 4).dequantize(), small)
+
+
+@pytest.mark.parametrize(
+    ("method", "bits", "expected"),
+    [("uaq", 4, 4.03), ("kmeans_c", 4, 4.22), ("kmeans_a", 4, 4.00), ("uaq", 3, 3.03), ("kmeans_c", 3, 3.11)],
+)
+def test_paper_accounting_example(method, bits, expected):
+    # paper.md §1.6: a 1152x1152 fp16 linear layer.
+    n = 1152 * 1152
+    assert 8 * paper_nbytes((1152, 1152), method, bits, 16) / n == pytest.approx(expected, abs=0.005)
+
+
+def test_sizes_match_accounting():
+    w = weight(dtype=torch.float16)
+    for m in METHODS:
+        for b in (3, 4):
+            qw = quantize_weight(w, m, b)
+            assert qw.nbytes == stored_nbytes(w.shape, m, b, torch.float16)
+            assert qw.paper_nbytes == paper_nbytes(w.shape, m, b, 16)
+            assert qw.fp_nbytes == w.numel() * 2
+
+
+def test_bad_input_names_the_layer():
+    with pytest.raises(ValueError, match="'blk.0'.*not floating"):
+        quantize_weight(torch.ones(4, 4, dtype=torch.int32), "uaq", 4, name="blk.0")
+    w = torch.ones(4, 4)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'blk.1'.*NaN"):
+        quantize_weight(w, "uaq", 4, name="blk.1")
+    with pytest.raises(ValueError, match="fewer than 2 dimensions"):
+        quantize_weight(torch.ones(8), "uaq", 4)
+    with pytest.raises(ValueError, match="unsupported bit width 5"):
+        quantize_weight(torch.ones(4, 4), "uaq", 5)
+    with pytest.raises(ValueError, match="unknown quantization method 'gptq'"):
+        quantize_weight(torch.ones(4, 4), "gptq", 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu(method):
+    w = weight()
+    cpu = quantize_weight(w, method, 4)
+    gpu = quantize_weight(w.cuda(), method, 4)
+    assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=0.05)
