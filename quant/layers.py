@@ -1,0 +1,197 @@
+"""Quantized layers holding only packed codes, lookup tables and the bias (no dense weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .accounting import lut_rows, n_out_k_in
+from .activations import check_act_bits, quantize_conv_input, quantize_tokens
+from .layer_table import LayerInfo
+from .options import check_method_bits
+from .packing import packed_length
+from .quantizers import QuantizedWeight, lut_dtype_for, quantize_weight
+
+
+class _QuantBase(nn.Module):
+    """Buffers ``codes`` (uint8), ``lut`` and optional ``bias``; the dense weight is never stored.
+
+    ``cache_weight = True`` keeps a dequantized copy between calls (faster, costs the dense memory).
+    """
+
+    kind = ""
+
+    def _init_buffers(
+        self, weight_shape, method: str, bits: int, weight_dtype: torch.dtype, has_bias: bool,
+        group_size: int | None, act_bits: int, device=None,
+    ) -> None:
+        check_method_bits(method, bits)
+        check_act_bits(act_bits)
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.method, self.bits, self.group_size, self.act_bits = method, bits, group_size or None, act_bits
+        self.weight_dtype = weight_dtype
+        self.cache_weight = False
+        self._cached: torch.Tensor | None = None
+        n, k = n_out_k_in(self.weight_shape)
+        rows = lut_rows(method, n, k, group_size)
+        self.register_buffer("codes", torch.zeros(n, packed_length(k, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("lut", torch.zeros(rows, 1 << bits, dtype=lut_dtype_for(weight_dtype), device=device))
+        bias = torch.zeros(n, dtype=weight_dtype, device=device) if has_bias else None
+        self.register_buffer("bias", bias)
+
+    @property
+    def n_out(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def k_in(self) -> int:
+        return n_out_k_in(self.weight_shape)[1]
+
+    @property
+    def option(self) -> str:
+        return f"{self.method}-{self.bits}"
+
+    def layer_info(self, name: str) -> LayerInfo:
+        """The dense layer this module replaces (so configs still match a quantized model)."""
+        return LayerInfo(name, self.kind, self.weight_shape, self.weight_dtype)
+
+    def load_quantized(self, q: QuantizedWeight) -> None:
+        """Copy prepared codes and tables (e.g. from an option table) into this layer."""
+        if (q.method, q.bits, tuple(q.shape)) != (self.method, self.bits, self.weight_shape):
+            raise ValueError(
+                f"quantized weight {q.option} {tuple(q.shape)} does not fit this layer "
+                f"({self.option} {self.weight_shape})"
+            )
+        if tuple(q.lut.shape) != tuple(self.lut.shape) or tuple(q.codes.shape) != tuple(self.codes.shape):
+            raise ValueError(
+                f"codes/table shapes {tuple(q.codes.shape)}/{tuple(q.lut.shape)} do not fit the layer "
+                f"(expected {tuple(self.codes.shape)}/{tuple(self.lut.shape)})"
+            )
+        with torch.no_grad():
+            self.codes.copy_(q.codes)
+            self.lut.copy_(q.lut)
+        self._cached = None
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (original shape) rebuilt from codes and tables."""
+        if self._cached is not None and (dtype is None or self._cached.dtype == dtype):
+            return self._cached
+        w = kernels.dequantize(
+            self.codes, self.lut, self.bits, self.n_out, self.k_in, self.group_size, dtype or self.weight_dtype
+        ).reshape(self.weight_shape)
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the cached dense weight
+        self._cached = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        act = f", act_bits={self.act_bits}" if self.act_bits < 16 else ""
+        return f"{self.option}, weight={list(self.weight_shape)}, bias={self.bias is not None}{act}"
+
+
+class QuantLinear(_QuantBase):
+    """``nn.Linear`` with a packed LUT-quantized weight; forward through the kernel backend."""
+
+    kind = "linear"
+
+    def __init__(
+        self, in_features: int, out_features: int, method: str, bits: int, bias: bool = True,
+        weight_dtype: torch.dtype = torch.float16, group_size: int | None = None, act_bits: int = 16, device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers((out_features, in_features), method, bits, weight_dtype, bias, group_size, act_bits, device)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, act_bits: int = 16) -> QuantLinear:
+        """Build from a prepared quantized weight (no re-quantization)."""
+        if len(q.shape) != 2:
+            raise ValueError(f"a Linear weight must be 2-D, got shape {tuple(q.shape)}")
+        mod = cls(q.shape[1], q.shape[0], q.method, q.bits, bias is not None, q.dtype, q.group_size, act_bits,
+                  device=q.codes.device)
+        mod.load_quantized(q)
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, method: str, bits: int, act_bits: int = 16, seed: int = 0,
+        group_size: int | None = None, name: str = "",
+    ) -> QuantLinear:
+        """Quantize an ``nn.Linear``."""
+        q = quantize_weight(linear.weight, method, bits, seed=seed, group_size=group_size, name=name)
+        return cls.from_quantized(q, linear.bias, act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        x = quantize_tokens(x, self.act_bits)
+        lut = self.lut if self.lut.dtype == x.dtype else self.lut.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._cached is not None or self.cache_weight:
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return kernels.lut_linear(x, self.codes, lut, self.bits, self.in_features, bias, self.group_size)
+
+
+class QuantConv2d(_QuantBase):
+    """``nn.Conv2d`` with a packed LUT-quantized weight (dequantize, then the device's convolution)."""
+
+    kind = "conv2d"
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, method: str, bits: int, stride=1, padding=0,
+        dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+        weight_dtype: torch.dtype = torch.float16, group_size: int | None = None, act_bits: int = 16, device=None,
+    ):
+        super().__init__()
+        ks = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride, self.padding = nn.modules.utils._pair(stride), padding if isinstance(padding, str) else \
+            nn.modules.utils._pair(padding)
+        self.dilation, self.groups, self.padding_mode = nn.modules.utils._pair(dilation), groups, padding_mode
+        shape = (out_channels, in_channels // groups, *ks)
+        self._init_buffers(shape, method, bits, weight_dtype, bias, group_size, act_bits, device)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, method: str, bits: int, act_bits: int = 16, seed: int = 0,
+        group_size: int | None = None, name: str = "", quantized: QuantizedWeight | None = None,
+    ) -> QuantConv2d:
+        """Quantize an ``nn.Conv2d`` (or use a prepared ``quantized`` weight)."""
+        q = quantized or quantize_weight(conv.weight, method, bits, seed=seed, group_size=group_size, name=name)
+        mod = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, q.method, q.bits, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, q.dtype, q.group_size, act_bits,
+            device=q.codes.device,
+        )
+        mod.load_quantized(q)
+        if conv.bias is not None:
+            mod.bias.copy_(conv.bias.detach())
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_conv_input(x, self.act_bits)
+        w = self.dequantized_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            x = F.pad(x, pad, mode=self.padding_mode)
+            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def quantized_module(
+    module: nn.Module, q: QuantizedWeight, act_bits: int = 16
+) -> QuantLinear | QuantConv2d:
+    """The quantized replacement of a dense Linear/Conv2d from a prepared weight."""
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_quantized(q, module.bias, act_bits)
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d.from_conv(module, q.method, q.bits, act_bits, quantized=q)
+    raise ValueError(f"cannot quantize a {type(module).__name__}: only Linear and Conv2d layers are supported")
