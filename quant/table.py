@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +150,7 @@ def option_table(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    only: Mapping[str, str] | None = None,
 ) -> OptionTable:
     """Compute every ``option`` of every quantizable layer of ``model`` (errors and sizes included).
 
@@ -157,6 +158,7 @@ def option_table(
     there; options missing from a cached table are computed and the file is extended. ``progress``
     receives ``(done, total, label)``; when ``cancel()`` returns True, :class:`OptionTableCancelled`
     is raised (nothing is half-written). ``device`` (e.g. ``"cuda"``) is where quantization runs.
+    ``only`` (``{layer: option}``, e.g. a config's options) restricts the work to those entries.
     """
     options = tuple(options)
     for option in options:
@@ -174,8 +176,9 @@ def option_table(
     else:
         table = OptionTable(layers, {}, fingerprint, seed)
     modules = dict(model.named_modules())
-    todo = [(layer, o) for layer in layers for o in options if o not in table.entries.get(layer.name, {})]
-    total = len(layers) * len(options)
+    wanted = [(layer, o) for layer in layers for o in options if only is None or only.get(layer.name) == o]
+    todo = [(layer, o) for layer, o in wanted if o not in table.entries.get(layer.name, {})]
+    total = len(wanted)
     done = total - len(todo)
     if progress:
         progress(done, total, "cached" if done else "start")

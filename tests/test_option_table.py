@@ -88,3 +88,8 @@ def test_bad_requests():
         option_table(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="'fp16' is not a quantization option"):
         option_table(tiny(), options=("fp16",))
+
+
+def test_only_computes_the_named_entries():
+    table = option_table(tiny(), only={"2": "kmeans_a-3"})
+    assert {n: set(o) for n, o in table.entries.items()} == {"2": {"kmeans_a-3"}}

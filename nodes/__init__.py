@@ -1,0 +1,18 @@
+"""ComfyUI nodes (V3 schema). Imported only by ComfyUI, through the pack's ``comfy_entrypoint``."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .comfy_bridge import register_folders
+from .config_nodes import LoadConfig, SaveConfig, UniformConfig
+from .model_nodes import ApplyConfig, LoadQuantized, SaveQuantized
+
+NODES: list[type[io.ComfyNode]] = [UniformConfig, LoadConfig, SaveConfig, ApplyConfig, SaveQuantized, LoadQuantized]
+
+
+class Qua2SeDiMoExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folders()
+        return NODES

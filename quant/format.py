@@ -1,0 +1,103 @@
+"""The quantized-model file: one safetensors file of packed codes, tables and dense tensors.
+
+Header metadata (``__metadata__``): ``format`` = ``qua2sedimo.quantized``, ``qua2sedimo`` = JSON with
+``format_version``, per-layer ``{option, kind, shape, dtype, act_bits}``, the config and the source
+fingerprint. A quantized layer ``L`` is stored as ``L.codes`` (uint8) and ``L.lut`` (+ ``L.bias``), a
+dense tensor under its usual key. Everything read is validated; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .accounting import lut_rows, n_out_k_in
+from .atomic import atomic_write_with
+from .layer_table import dtype_from_name
+from .options import parse_option
+from .packing import packed_length
+
+FILE_FORMAT = "qua2sedimo.quantized"
+FILE_VERSION = 1
+
+
+def save_quantized_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """Write ``tensors`` and the JSON ``header`` (needs ``layers``) atomically."""
+    if "layers" not in header:
+        raise ValueError("the header needs a 'layers' table")
+    meta = {"format": FILE_FORMAT, "qua2sedimo": json.dumps(dict(header, format_version=FILE_VERSION))}
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The validated header of a quantized file (cheap: reads no tensor data)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path.name!r} is not a readable safetensors file ({e!s})") from None
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(
+            f"{path.name!r} is not a Qua2SeDiMo quantized model (no '{FILE_FORMAT}' header); "
+            "load ordinary checkpoints with ComfyUI's own loaders"
+        )
+    try:
+        header = json.loads(meta["qua2sedimo"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path.name!r} has a damaged Qua2SeDiMo header ({e!s})") from None
+    if header.get("format_version") != FILE_VERSION:
+        raise ValueError(
+            f"{path.name!r} has format version {header.get('format_version')!r}; this release reads "
+            f"{FILE_VERSION}. Update the node pack."
+        )
+    layers = header.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path.name!r}: header has no layer table")
+    for name, info in layers.items():
+        if parse_option(info.get("option", ""), name) is None:
+            continue
+        for part in ("codes", "lut"):
+            if f"{name}.{part}" not in keys:
+                raise ValueError(f"{path.name!r}: quantized layer {name!r} has no '{part}' tensor (file damaged)")
+    return header
+
+
+def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read all tensors and the header, checking every quantized layer's codes and tables."""
+    path = Path(path)
+    header = read_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path.name!r}: tensor data is damaged ({e!s})") from None
+    for name, info in header["layers"].items():
+        parsed = parse_option(info["option"], name)
+        if parsed is None:
+            continue
+        method, bits = parsed
+        shape = tuple(int(s) for s in info["shape"])
+        n, k = n_out_k_in(shape)
+        codes, lut = tensors[f"{name}.codes"], tensors[f"{name}.lut"]
+        rows = lut_rows(method, n, k, info.get("group_size"))
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, packed_length(k, bits)):
+            raise ValueError(
+                f"{path.name!r}: layer {name!r} codes are {codes.dtype} {tuple(codes.shape)}, expected uint8 "
+                f"{(n, packed_length(k, bits))} for {info['option']} {shape} (file damaged or tampered)"
+            )
+        if tuple(lut.shape) != (rows, 1 << bits) or not lut.dtype.is_floating_point:
+            raise ValueError(
+                f"{path.name!r}: layer {name!r} table is {lut.dtype} {tuple(lut.shape)}, expected {(rows, 1 << bits)}"
+            )
+        if not bool(torch.isfinite(lut).all()):
+            raise ValueError(f"{path.name!r}: layer {name!r} table has NaN/Inf values (file damaged)")
+        dtype_from_name(info["dtype"])
+    return tensors, header

@@ -1,0 +1,469 @@
+"""reference vs an fp64 oracle, Triton (interpreter on CPU) vs the oracle, backend registry."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of the Triton kernel module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from qua2sedimo.quant import kernels  # noqa: E402
+from qua2sedimo.quant.kernels import reference as ref  # noqa: E402
+from qua2sedimo.quant.packing import pack_codes, unpack_codes  # noqa: E402
+
+try:
+    from qua2sedimo.quant.kernels import triton_lut as tri
+except Exception as exc:  # triton not installed / broken
+    tri, TRITON_SKIP = None, f"triton backend not importable: {exc!r}"
+else:
+    TRITON_SKIP = (
+        "" if (torch.cuda.is_available() or tri.INTERPRET) else "needs CUDA or TRITON_INTERPRET=1 at import"
+    )
+needs_triton = pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP or "n/a")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+GS = 32  # group size of the group-wise tables in these tests
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def make_weight(n, k, bits, kind, *, lut_dtype=torch.float32, seed=0, device="cpu", group_size=GS):
+    """Random codes, their packing and a table of ``kind`` (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    rows = {"layer": 1, "channel": n, "group": n * -(-k // group_size)}[kind]
+    lut = torch.randn(rows, 1 << bits, generator=g).to(lut_dtype)
+    return codes.to(device), pack_codes(codes, bits).to(device), lut.to(device)
+
+
+def oracle_weight(packed, lut, bits, n, k, kind, group_size=GS):
+    """fp64 ``W[n, k]`` built independently: ``unpack_codes`` + explicit table-row indices."""
+    c = unpack_codes(packed.cpu(), bits, k).long()
+    n_idx = torch.arange(n)[:, None].expand(n, k)
+    if kind == "layer":
+        r = torch.zeros_like(c)
+    elif kind == "channel":
+        r = n_idx
+    else:
+        r = n_idx * -(-k // group_size) + (torch.arange(k) // group_size)[None, :]
+    return lut.cpu().double()[r, c]
+
+
+def oracle_linear(x, w64, bias=None):
+    y = x.cpu().double() @ w64.T
+    return y if bias is None else y + bias.cpu().double()
+
+
+def rel_err(a, b):
+    b = b.double().cpu()
+    return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["layer", "channel", "group"])
+@pytest.mark.parametrize("k", [1, 13, 72, 100])
+def test_reference_dequantize_exact(bits, kind, k):
+    n = 9
+    codes, packed, lut = make_weight(n, k, bits, kind, seed=k + bits)
+    assert torch.equal(unpack_codes(packed, bits, k), codes.int())
+    gs = GS if kind == "group" else None
+    w = ref.dequantize(packed, lut, bits, n, k, gs)
+    assert w.dtype == lut.dtype and w.shape == (n, k)
+    assert torch.equal(w.double(), oracle_weight(packed, lut, bits, n, k, kind))
+    assert ref.dequantize(packed, lut, bits, n, k, gs, dtype=torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_u8_matches_packing(bits):
+    for k in (1, 5, 8, 13, 64, 100):
+        codes = torch.randint(0, 1 << bits, (6, k))
+        packed = pack_codes(codes, bits)
+        got = ref.unpack_u8(packed, bits, k)
+        assert got.dtype == torch.uint8 and torch.equal(got.int(), unpack_codes(packed, bits, k))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    k=st.integers(1, 70),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    kind=st.sampled_from(["layer", "channel", "group"]),
+    group_size=st.sampled_from([8, 16, 64]),
+    bounds=st.tuples(st.integers(-13, 13), st.integers(-13, 13)),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_dequantize_rows_property(n, k, bits, kind, group_size, bounds, seed):
+    _, packed, lut = make_weight(n, k, bits, kind, seed=seed, group_size=group_size)
+    full = oracle_weight(packed, lut, bits, n, k, kind, group_size)
+    rows = slice(*bounds)
+    got = ref.dequantize(packed, lut, bits, n, k, group_size, torch.float64, rows=rows)
+    assert torch.equal(got, full[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["layer", "channel", "group"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_lut_linear_vs_oracle(dtype, kind, with_bias):
+    n, k, bits = 24, 100, 3 if kind == "channel" else 4
+    _, packed, lut = make_weight(n, k, bits, kind, seed=3)
+    x = torch.randn(2, 3, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    y = ref.lut_linear(x, packed, lut, bits, k, bias, GS if kind == "group" else None)
+    assert y.dtype == dtype and y.shape == (2, 3, n)
+    w64 = oracle_weight(packed, lut, bits, n, k, kind)
+    assert rel_err(y, oracle_linear(x, w64, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 23, 24, 1000])
+def test_reference_chunking_matches_unchunked(chunk_rows):
+    n, k, bits = 24, 72, 4
+    _, packed, lut = make_weight(n, k, bits, "channel", seed=5)
+    x, bias = torch.randn(5, k), torch.randn(n)
+    full = ref.lut_linear(x, packed, lut, bits, k, bias)
+    got = ref.lut_linear(x, packed, lut, bits, k, bias, chunk_rows=chunk_rows)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)  # gemv vs gemm summation order
+
+
+def test_reference_default_chunk_bounds_weights(monkeypatch):
+    n, k, bits = 40, 64, 3
+    _, packed, lut = make_weight(n, k, bits, "layer", seed=6)
+    x = torch.randn(4, k)
+    expected = ref.lut_linear(x, packed, lut, bits, k)
+    calls = []
+    real = ref.dequantize
+
+    def spy(*args, **kw):
+        w = real(*args, **kw)
+        calls.append(w.numel())
+        return w
+
+    monkeypatch.setattr(ref, "CHUNK_WEIGHTS", 10 * k)
+    monkeypatch.setattr(ref, "dequantize", spy)
+    got = ref.lut_linear(x, packed, lut, bits, k)
+    assert calls == [10 * k] * 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _bad_calls():
+    _, p4, lut4 = make_weight(8, 20, 4, "channel")
+    x = torch.randn(3, 20)
+    lin = ref.lut_linear
+    deq = ref.dequantize
+    return {
+        "codes dtype": (lambda: lin(x, p4.to(torch.int32), lut4, 4, 20), r"codes must be a uint8 tensor"),
+        "codes shape": (lambda: lin(x, p4[:, :-1], lut4, 4, 20), r"expected \(8, 10\)"),
+        "codes 1-D": (lambda: lin(x, p4.reshape(-1), lut4, 4, 20), r"2-D uint8 tensor"),
+        "bits": (lambda: lin(x, p4, lut4, 5, 20), r"unsupported bit width 5"),
+        "lut levels": (lambda: lin(x, p4, lut4[:, :8], 4, 20), r"expected \[R, 16\]"),
+        "lut rows": (
+            lambda: lin(x, p4, lut4[:3], 4, 20),
+            r"lut has 3 rows: expected 1 .* or N=8 .*group_size",
+        ),
+        "lut rows group": (lambda: lin(x, p4, lut4[:3], 4, 20, group_size=8), r"N\*ceil\(K/group_size\)=24"),
+        "lut dtype": (lambda: lin(x, p4, lut4.long(), 4, 20), r"lut must be a float16/bfloat16/float32"),
+        "x last dim": (lambda: lin(torch.randn(3, 21), p4, lut4, 4, 20), r"expected last dimension K=20"),
+        "x int": (lambda: lin(torch.ones(3, 20, dtype=torch.int64), p4, lut4, 4, 20), r"floating-point"),
+        "bias shape": (
+            lambda: lin(x, p4, lut4, 4, 20, torch.randn(7)),
+            r"bias of shape \(7,\).*expected \(8,\)",
+        ),
+        "chunk_rows": (lambda: lin(x, p4, lut4, 4, 20, chunk_rows=0), r"chunk_rows must be a positive int"),
+        "k_in": (lambda: deq(p4, lut4, 4, 8, 0), r"k_in must be a positive int"),
+        "n_out": (lambda: deq(p4, lut4, 4, 9, 20), r"expected \(9, 10\)"),
+        "group_size": (
+            lambda: deq(p4, lut4, 4, 8, 20, group_size=0),
+            r"group_size must be None or a positive",
+        ),
+        "rows step": (lambda: deq(p4, lut4, 4, 8, 20, rows=slice(0, 8, 2)), r"contiguous slice"),
+        "rows type": (lambda: deq(p4, lut4, 4, 8, 20, rows=[0, 1]), r"rows must be a slice"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_reference_errors(case):
+    fn, match = _bad_calls()[case]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+# ----------------------------------------------------------------------------------------------- triton
+
+
+def _guarded(t: torch.Tensor, fill) -> torch.Tensor:
+    """``t`` as a view into a wider buffer whose extra columns hold ``fill`` (catches reads past the row)."""
+    buf = torch.full((t.shape[0], t.shape[1] + 24), fill, dtype=t.dtype, device=t.device)
+    buf[:, : t.shape[1]] = t
+    return buf[:, : t.shape[1]]
+
+
+def _poisoned_out(rows: int, cols: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-filled ``[rows, cols]`` output view plus its guard buffer (extra rows/cols must stay NaN)."""
+    buf = torch.full((rows + 3, cols + 24), float("nan"), dtype=dtype, device=DEV)
+    return buf, buf[:rows, :cols]
+
+
+def _assert_written_exactly(buf: torch.Tensor, out: torch.Tensor) -> None:
+    assert not out.isnan().any(), "output not fully written"
+    guard = buf.isnan()
+    guard[: out.shape[0], : out.shape[1]] = True
+    assert guard.all(), "kernel wrote outside the output view"
+
+
+FUSED_CASES = list(itertools.product([3, 4], ["channel", "layer"], [1, 7, 33], [72, 100, 200], [40, 72]))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,kind,m,k,n", FUSED_CASES)
+def test_triton_fused_vs_oracle(bits, kind, m, k, n, dtype):
+    seed = bits * 1_000_003 + m * 1009 + k * 31 + n + (kind == "layer")
+    _, packed, lut = make_weight(n, k, bits, kind, seed=seed, device=DEV)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+    bias = torch.randn(n, dtype=dtype, device=DEV) if m != 7 else None
+    buf, out = _poisoned_out(m, n, dtype)
+    tri.fused_into(
+        _guarded(x, float("nan")),
+        _guarded(packed, 0xFF),
+        _guarded(lut, float("nan")),
+        bits,
+        k,
+        bias,
+        out,
+        config=tri.heuristic_config(m),
+    )
+    _assert_written_exactly(buf, out)
+    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, kind), bias)) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["channel", "layer"])
+@pytest.mark.parametrize("n,k", [(40, 72), (72, 100), (33, 200), (5, 3)])
+def test_triton_dequant_vs_reference(bits, kind, n, k, dtype):
+    _, packed, lut = make_weight(n, k, bits, kind, seed=n * k + bits, device=DEV)
+    buf, out = _poisoned_out(n, k, dtype)
+    tri.dequant_into(_guarded(packed, 0xFF), _guarded(lut, float("nan")), bits, k, out)
+    _assert_written_exactly(buf, out)
+    expected = ref.dequantize(packed, lut, bits, n, k, dtype=dtype)
+    if tri.INTERPRET and dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (GPU rounds)
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out, expected)
+    assert torch.equal(
+        tri.dequantize(packed, lut.to(dtype), bits, n, k), ref.dequantize(packed, lut.to(dtype), bits, n, k)
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "lut_dtype,x_dtype",
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+)
+def test_triton_public_lut_linear_dtypes(lut_dtype, x_dtype):
+    n, k, bits = 40, 100, 3
+    _, packed, lut = make_weight(n, k, bits, "channel", lut_dtype=lut_dtype, seed=11, device=DEV)
+    x = torch.randn(2, 5, k).to(x_dtype).to(DEV)
+    bias = torch.randn(n, device=DEV).to(x_dtype)
+    y = tri.lut_linear(x, packed, lut, bits, k, bias)
+    assert y.shape == (2, 5, n) and y.dtype == x_dtype
+    w64 = oracle_weight(packed, lut, bits, n, k, "channel")
+    assert rel_err(y, oracle_linear(x.reshape(-1, k), w64, bias).reshape(2, 5, n)) < TOL[x_dtype]
+    rows = slice(3, 31)
+    torch.testing.assert_close(
+        tri.dequantize(packed, lut, bits, n, k, rows=rows),
+        ref.dequantize(packed, lut, bits, n, k, rows=rows),
+        rtol=0,
+        atol=0,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "config", [(16, 16, 16, 4, 1), (32, 16, 32, 4, 1), (16, 64, 128, 4, 3), (64, 128, 32, 8, 3)]
+)
+@pytest.mark.parametrize("reg_lut", [False, True])
+def test_triton_fused_tile_configs(config, reg_lut):
+    m, n, k, bits = 33, 72, 200, 3
+    _, packed, lut = make_weight(n, k, bits, "channel", seed=21, device=DEV)
+    x = torch.randn(m, k, device=DEV)
+    buf, out = _poisoned_out(m, n, torch.float32)
+    tri.fused_into(x, packed, lut, bits, k, None, out, config=config, reg_lut=reg_lut)
+    _assert_written_exactly(buf, out)
+    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"))) < 1e-5
+
+
+@needs_triton
+def test_triton_rejects_small_tiles():
+    _, packed, lut = make_weight(8, 16, 4, "channel", device=DEV)
+    x, out = torch.randn(2, 16, device=DEV), torch.empty(2, 8, device=DEV)
+    with pytest.raises(AssertionError, match="tile sizes must be >= 16"):
+        tri.fused_into(x, packed, lut, 4, 16, None, out, config=(8, 16, 16, 4, 1))
+
+
+@needs_triton
+def test_triton_autotuned_wrapper_with_stub_bench():
+    timings = iter(range(1, 100))
+
+    def stub(fn, quantiles):
+        fn()
+        t = float(next(timings))
+        return [t, t, t]
+
+    tuned = tri.make_autotuned(tri._SMALL_M_CONFIGS[:2], do_bench=stub)
+    m, n, k, bits = 5, 72, 100, 4
+    _, packed, lut = make_weight(n, k, bits, "layer", seed=31, device=DEV)
+    x, bias = torch.randn(m, k, device=DEV), torch.randn(n, device=DEV)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    tri.fused_into(x, packed, lut, bits, k, bias, out, tuned=tuned)
+    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "layer"), bias)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+def test_triton_large_m_uses_dequant_matmul(monkeypatch, chunk_rows):
+    m, n, k, bits = 9, 40, 72, 4
+    _, packed, lut = make_weight(n, k, bits, "channel", seed=41, device=DEV)
+    x, bias = torch.randn(m, k, device=DEV), torch.randn(n, device=DEV)
+    monkeypatch.setattr(tri, "FUSED_MAX_M", 8)
+
+    def boom(*a, **kw):
+        raise AssertionError("fused kernel must not run above FUSED_MAX_M")
+
+    monkeypatch.setattr(tri, "fused_into", boom)
+    y = tri.lut_linear(x, packed, lut, bits, k, bias, chunk_rows=chunk_rows)
+    assert rel_err(y, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"), bias)) < 1e-5
+
+
+@needs_triton
+def test_triton_errors(monkeypatch):
+    _, packed, lut = make_weight(8, 64, 4, "group", device=DEV, group_size=32)
+    x = torch.randn(2, 64, device=DEV)
+    with pytest.raises(ValueError, match="group-wise tables are only supported by the reference backend"):
+        tri.lut_linear(x, packed, lut, 4, 64, group_size=32)
+    with pytest.raises(ValueError, match="group-wise tables are only supported by the reference backend"):
+        tri.dequantize(packed, lut, 4, 8, 64, group_size=32)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        tri.lut_linear(x.double(), packed, lut[:8], 4, 64)
+    with pytest.raises(ValueError, match="expected last dimension K=64"):
+        tri.lut_linear(x[:, :63], packed, lut[:8], 4, 64)
+    assert tri.lut_linear(x[:0], packed, lut[:8], 4, 64).shape == (0, 8)
+    if DEV == "cpu":
+        monkeypatch.setattr(tri, "INTERPRET", False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            tri.lut_linear(x, packed, lut[:8], 4, 64)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state))
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    return monkeypatch
+
+
+def test_registry_env_override(fresh_registry):
+    mp = fresh_registry
+    assert kernels.get_backend("cpu") is ref
+    mp.setenv(kernels.BACKEND_ENV, "reference")
+    assert kernels.get_backend("cuda") is ref
+    mp.setenv(kernels.BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="QUA2SEDIMO_BACKEND='bogus' is not one of"):
+        kernels.get_backend("cpu")
+    assert "reference" in kernels.available_backends()
+
+
+@needs_triton
+def test_registry_forced_triton(fresh_registry):
+    mp = fresh_registry
+    mp.setenv(kernels.BACKEND_ENV, "triton")
+    assert kernels.get_backend(DEV) is tri
+    assert "triton" in kernels.available_backends()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert kernels.get_backend("meta") is ref
+        assert kernels.get_backend("meta") is ref
+    assert len(rec) == 1 and "cannot run on meta" in str(rec[0].message)
+    if DEV == "cpu":
+        mp.setattr(tri, "INTERPRET", False)
+        with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+            assert kernels.get_backend("cpu") is ref
+
+
+def test_registry_import_failure_falls_back(fresh_registry):
+    mp = fresh_registry
+    mp.setattr(kernels, "_state", {"triton": None, "error": ImportError("no triton here")})
+    with pytest.warns(RuntimeWarning, match="triton backend unavailable.*no triton here"):
+        assert kernels.get_backend("cuda") is ref
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert kernels.get_backend("cuda") is ref
+    assert kernels.available_backends() == ["reference"]
+
+
+@needs_triton
+def test_registry_runtime_failure_falls_back(fresh_registry):
+    mp = fresh_registry
+    mp.setenv(kernels.BACKEND_ENV, "triton")
+    _, packed, lut = make_weight(16, 32, 4, "channel", device=DEV)
+    x = torch.randn(3, 32, device=DEV)
+
+    def broken(*a, **kw):
+        raise RuntimeError("PTX compile failed")
+
+    mp.setattr(tri, "lut_linear", broken)
+    with pytest.warns(RuntimeWarning, match="PTX compile failed"):
+        y = kernels.lut_linear(x, packed, lut, 4, 32)
+    torch.testing.assert_close(y, ref.lut_linear(x, packed, lut, 4, 32))
+    assert kernels.get_backend(DEV) is ref
+
+
+@needs_triton
+def test_registry_convenience_dispatch(fresh_registry):
+    mp = fresh_registry
+    mp.setenv(kernels.BACKEND_ENV, "triton")
+    n, k = 16, 64
+    _, packed, lut = make_weight(n, k, 3, "channel", device=DEV)
+    x = torch.randn(4, k, device=DEV)
+    calls = []
+    real = tri.lut_linear
+    mp.setattr(tri, "lut_linear", lambda *a: calls.append(1) or real(*a))
+    torch.testing.assert_close(kernels.lut_linear(x, packed, lut, 3, k), ref.lut_linear(x, packed, lut, 3, k))
+    assert calls == [1]
+    # group-wise tables and float64 go to the reference, not to triton
+    _, gpacked, glut = make_weight(n, k, 3, "group", device=DEV)
+    y = kernels.lut_linear(x, gpacked, glut, 3, k, group_size=GS)
+    torch.testing.assert_close(y, ref.lut_linear(x, gpacked, glut, 3, k, group_size=GS))
+    kernels.lut_linear(x.double(), packed, lut, 3, k)
+    assert calls == [1]
+    w = kernels.dequantize(gpacked, glut, 3, n, k, GS, torch.float64)
+    assert torch.equal(w, ref.dequantize(gpacked, glut, 3, n, k, GS, torch.float64))
+    with pytest.raises(ValueError, match="expected last dimension K=64"):
+        kernels.lut_linear(x[:, :5], packed, lut, 3, k)
+
+
+def test_registry_default_cpu_is_reference(fresh_registry):
+    _, packed, lut = make_weight(16, 40, 4, "layer")
+    x = torch.randn(2, 40, dtype=torch.float16)
+    y = kernels.lut_linear(x, packed, lut, 4, 40)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, ref.lut_linear(x, packed, lut, 4, 40), rtol=0, atol=0)
