@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from qua2sedimo.quant.kernels import reference as ref
 from qua2sedimo.quant.packing import pack_codes
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS, quantize_weight
 
 OPTIONS = [(m, b) for b in (4, 3) for m in ("uaq", "kmeans_c", "kmeans_a")]

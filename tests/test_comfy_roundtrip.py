@@ -28,6 +28,7 @@ def _sample(mp, arch: str, seed: int = 0):
 @pytest.mark.parametrize("name", list(ARCH))
 def test_mixed_config_round_trip(name, comfy_inproc, tiny_models, tmp_path):
     import comfy.sd
+
     from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.quant import OPTIONS, QuantConfig, quantizable_layers
     from qua2sedimo.quant.accounting import dtype_bits

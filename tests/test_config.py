@@ -2,8 +2,9 @@ import json
 
 import pytest
 import torch
-from qua2sedimo.quant import QuantConfig, quantizable_layers, quantize_weight
 from torch import nn
+
+from qua2sedimo.quant import QuantConfig, quantizable_layers, quantize_weight
 
 
 def tiny(width=32, dtype=torch.float16):

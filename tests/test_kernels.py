@@ -14,6 +14,7 @@ if not torch.cuda.is_available():  # must precede the import of the Triton kerne
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 from qua2sedimo.quant import kernels  # noqa: E402
 from qua2sedimo.quant.kernels import reference as ref  # noqa: E402
 from qua2sedimo.quant.packing import pack_codes, unpack_codes  # noqa: E402

@@ -1,7 +1,9 @@
 import pytest
-import qua2sedimo.quant.api as api
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import qua2sedimo.quant.api as api
 from qua2sedimo.quant import (
     METHODS,
     QuantConfig,
@@ -14,7 +16,6 @@ from qua2sedimo.quant import (
     quantize_weight,
 )
 from qua2sedimo.quant.activations import quantize_conv_input, quantize_tokens
-from torch import nn
 
 
 def tiny_model(dtype=torch.float32):

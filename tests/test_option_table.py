@@ -1,12 +1,13 @@
 import json
 
 import pytest
-import qua2sedimo.quant.table as ot
 import torch
-from qua2sedimo.quant import OPTIONS, OptionTable, OptionTableCancelled, option_table
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+import qua2sedimo.quant.table as ot
+from qua2sedimo.quant import OPTIONS, OptionTable, OptionTableCancelled, option_table
 
 
 def tiny():

@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qua2sedimo.quant import pack_codes, packed_length, unpack_codes
 
 

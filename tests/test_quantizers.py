@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from qua2sedimo.quant import METHODS, paper_nbytes, quantize_weight, stored_nbytes
 from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS
 
