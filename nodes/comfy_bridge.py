@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -134,8 +135,6 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
 
     LoRA/weight patches already on the input are baked into the weights before quantization.
     """
-    import comfy.lora  # noqa: F401  (used by _patched_weights)
-
     dm = diffusion_model(model)
     config.check_model(dm)
     new_dm = _shallow_copy(dm)
