@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import accounting
+from .kernels import reference
 from .options import check_method_bits
-from .packing import pack_codes, unpack_codes
+from .packing import pack_codes
 
 UAQ_ALPHAS: tuple[float, ...] = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))
 LP_NORM = 2.4
@@ -56,19 +57,9 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight (same shape and, by default, dtype as the original) by a table gather."""
-        codes = unpack_codes(self.codes, self.bits, self.k_in).long()
-        lut = self.lut
-        if lut.shape[0] == 1:
-            w = lut[0][codes]
-        elif lut.shape[0] == self.n_out:
-            w = torch.gather(lut, 1, codes)
-        else:
-            g = self.group_size
-            rows_per = lut.shape[0] // self.n_out
-            row = torch.arange(self.n_out, device=codes.device)[:, None] * rows_per
-            row = row + torch.arange(self.k_in, device=codes.device)[None, :] // g
-            w = lut[row, codes]
-        return w.to(dtype or self.dtype).reshape(self.shape)
+        w = reference.dequantize(self.codes, self.lut, self.bits, self.n_out, self.k_in, self.group_size,
+                                 dtype or self.dtype)
+        return w.reshape(self.shape)
 
     @property
     def nbytes(self) -> int:
