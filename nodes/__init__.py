@@ -3,10 +3,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .comfy_bridge import register_folders
-from .config_nodes import LoadConfig, SaveConfig, UniformConfig
+from .config_nodes import LoadConfig, RulesConfig, SaveConfig, UniformConfig
 from .model_nodes import ApplyConfig, LoadQuantized, SaveQuantized
 
-NODES: list[type[io.ComfyNode]] = [UniformConfig, LoadConfig, SaveConfig, ApplyConfig, SaveQuantized, LoadQuantized]
+NODES: list[type[io.ComfyNode]] = [
+    UniformConfig, RulesConfig, LoadConfig, SaveConfig, ApplyConfig, SaveQuantized, LoadQuantized,
+]
 
 
 class Qua2SeDiMoExtension(ComfyExtension):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -126,7 +127,9 @@ def _patched_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, tor
         key = f"diffusion_model.{name}.weight"
         if option != "fp16" and key in model.patches:
             w = dm.get_submodule(name).weight
-            out[name] = comfy.lora.calculate_weight(model.patches[key], w.float(), key).to(w.dtype)
+            # a private fp32 copy: calculate_weight works in place (on the Parameter itself if w is fp32)
+            dense = w.detach().to(torch.float32, copy=True)
+            out[name] = comfy.lora.calculate_weight(model.patches[key], dense, key).to(w.dtype)
     return out
 
 
@@ -158,7 +161,35 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     out.size = comfy.model_management.module_size(base)
     for key in [k for k in out.patches if k.removeprefix("diffusion_model.").removesuffix(".weight") in patched]:
         del out.patches[key]
+    mark_quantized(out)
     return out, summary
+
+
+LORA_AFTER_QUANT = (
+    "LoRA and other weight patches cannot be added to a Qua2SeDiMo-quantized model (its weights are packed "
+    "3/4-bit codes). Load the LoRA on the full-precision MODEL and connect that to Qua2SeDiMo Apply Config: "
+    "pending patches are baked into the weights before quantization."
+)
+
+
+class _QuantPatcherMixin:
+    """Refuses weight patches (LoRA, model merging) with a clear message instead of silently dropping them:
+    ComfyUI's LoRA loader only maps keys of dense ``.weight`` tensors, which packed layers do not have."""
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        raise ValueError(LORA_AFTER_QUANT)
+
+
+@functools.cache
+def _quant_patcher_class(base: type) -> type:
+    if issubclass(base, _QuantPatcherMixin):
+        return base
+    return type(f"Qua2SeDiMo{base.__name__}", (_QuantPatcherMixin, base), {})
+
+
+def mark_quantized(model) -> None:
+    """Make a ModelPatcher (and its clones) refuse weight patches; see ``_QuantPatcherMixin``."""
+    model.__class__ = _quant_patcher_class(type(model))
 
 
 def _quant_device() -> torch.device:
@@ -247,4 +278,5 @@ def load_quantized(path: Path):
     if header.get("config"):
         dm.qua2sedimo_config = QuantConfig.from_dict(header["config"], model=dm, source=path.name)
     model.size = comfy.model_management.module_size(model.model)
+    mark_quantized(model)
     return model

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from comfy_api.latest import io, ui
 
-from ..quant import OPTIONS, QuantConfig
+from ..quant import OPTIONS, QuantConfig, quantizable_layers
 from . import comfy_bridge as bridge
 from .sockets import CATEGORY, Config
 
@@ -40,6 +42,46 @@ class UniformConfig(io.ComfyNode):
         return io.NodeOutput(cfg, ui=ui.PreviewText(_describe(cfg)))
 
 
+DEFAULT_RULES = """# pattern = option, first match wins (globs over layer names; see the Apply Config summary)
+*mlp.fc2 = kmeans_c-3
+*ff.net.2 = kmeans_c-3
+*attn* = uaq-4
+"""
+
+
+class RulesConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Qua2SeDiMoRulesConfig",
+            display_name="Qua2SeDiMo Rules Config",
+            category=CATEGORY,
+            description="A mixed config from 'pattern = option' lines (first match wins); unmatched layers get "
+            "the default option. Patterns that match no layer are ignored only if 'strict' is off.",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("rules", default=DEFAULT_RULES, multiline=True),
+                io.Combo.Input("default", options=[*OPTIONS, "fp16"], default="uaq-4"),
+                io.Boolean.Input("strict", default=False,
+                                 tooltip="fail when a rule matches no layer (off: such rules are skipped)"),
+            ],
+            outputs=[Config.Output(display_name="config")],
+        )
+
+    @classmethod
+    def execute(cls, model, rules: str, default: str, strict: bool) -> io.NodeOutput:
+        dm = bridge.diffusion_model(model)
+        parsed = QuantConfig.parse_rules(rules)
+        skipped = []
+        if not strict:
+            names = [la.name for la in quantizable_layers(dm)]
+            skipped = [p for p, _ in parsed if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+            parsed = [(p, o) for p, o in parsed if p not in skipped]
+        cfg = QuantConfig.from_rules(dm, parsed, default=default)
+        text = _describe(cfg) + (f"; rules matching no layer (skipped): {', '.join(skipped)}" if skipped else "")
+        return io.NodeOutput(cfg, ui=ui.PreviewText(text))
+
+
 class LoadConfig(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,7 +108,7 @@ class SaveConfig(io.ComfyNode):
             display_name="Qua2SeDiMo Save Config",
             category=CATEGORY,
             description="Write the config as JSON into models/qua2sedimo/ (listed by Load Config).",
-            inputs=[Config.Input("config"), io.String.Input("filename_prefix", default="qua2sedimo/config")],
+            inputs=[Config.Input("config"), io.String.Input("filename_prefix", default="config")],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
         )

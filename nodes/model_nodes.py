@@ -8,10 +8,12 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..quant import QuantConfig
 from . import comfy_bridge as bridge
 from .sockets import CATEGORY, Config
 
 ACT_BITS = ["16", "8", "6"]
+NO_FILE = "(none)"
 
 
 class ApplyConfig(io.ComfyNode):
@@ -25,7 +27,10 @@ class ApplyConfig(io.ComfyNode):
             "The input MODEL is not changed. act_bits < 16 simulates token-wise activation quantization.",
             inputs=[
                 io.Model.Input("model"),
-                Config.Input("config"),
+                Config.Input("config", optional=True, tooltip="a CONFIG from another node; or pick config_file"),
+                io.Combo.Input("config_file", options=[NO_FILE, *bridge.list_configs()], default=NO_FILE,
+                               optional=True, tooltip="a JSON config in models/qua2sedimo/ (used when no CONFIG "
+                               "is connected)"),
                 io.Combo.Input("act_bits", options=ACT_BITS, default="16"),
             ],
             outputs=[io.Model.Output(), io.String.Output(display_name="summary")],
@@ -33,7 +38,12 @@ class ApplyConfig(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, config, act_bits: str) -> io.NodeOutput:
+    def execute(cls, model, act_bits: str, config=None, config_file: str = NO_FILE) -> io.NodeOutput:
+        if config is None:
+            if not config_file or config_file == NO_FILE:
+                raise ValueError("Apply Config needs a config: connect a CONFIG (e.g. from Qua2SeDiMo Uniform "
+                                 "Config) or pick a config_file from models/qua2sedimo/")
+            config = QuantConfig.load(bridge.config_path(config_file))
         out, summary = bridge.apply_config(model, config, int(act_bits), node_id=cls.hidden.unique_id)
         text = (
             f"b̄ = {summary['avg_bits']:.3f} bits; denoiser {summary['bytes_before'] / 2**20:.1f} MiB → "

@@ -87,6 +87,43 @@ class QuantConfig:
         options = {n: mapping.get(n, default) for n in names}
         return cls(options, layers, dict(meta or {}))
 
+    @classmethod
+    def from_rules(
+        cls, model: ModelLike, rules: Iterable[tuple[str, str]], default: str = FP_OPTION, meta: dict | None = None
+    ) -> QuantConfig:
+        """Options by glob rules ``(pattern, option)``, first match wins; unmatched layers get ``default``.
+
+        Rules are portable across models of one architecture family (e.g. ``("*.mlp.fc2", "kmeans_c-3")``);
+        a pattern that matches no layer is an error, so typos do not pass silently.
+        """
+        layers = quantizable_layers(model)
+        if not layers:
+            raise ValueError("the model has no quantizable Linear/Conv2d layers")
+        names = [layer.name for layer in layers]
+        rules = list(rules)
+        for pattern, option in rules:
+            parse_option(option, pattern)
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"rule pattern {pattern!r} matches no layer{_near(pattern, names)}")
+        parse_option(default)
+        options = {n: next((o for p, o in rules if fnmatch.fnmatchcase(n, p)), default) for n in names}
+        return cls(options, layers, dict(meta or {}, rule="rules", rules=[list(r) for r in rules], default=default))
+
+    @staticmethod
+    def parse_rules(text: str) -> list[tuple[str, str]]:
+        """``pattern = option`` lines (``#`` comments, blank lines ignored) → rule list."""
+        rules = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line.count("=") != 1:
+                raise ValueError(f"rule line {lineno} {raw.strip()!r}: write 'pattern = option', e.g. '*.fc2 = uaq-3'")
+            pattern, option = (s.strip() for s in line.split("="))
+            parse_option(option, f"rule line {lineno}")
+            rules.append((pattern, option))
+        return rules
+
     # ---------------------------------------------------------------------------------- queries
     @property
     def fingerprint(self) -> str:

@@ -157,7 +157,8 @@ def option_table(
     With ``cache_dir`` the table is read from / written to ``option-table-<fingerprint>.safetensors``
     there; options missing from a cached table are computed and the file is extended. ``progress``
     receives ``(done, total, label)``; when ``cancel()`` returns True, :class:`OptionTableCancelled`
-    is raised (nothing is half-written). ``device`` (e.g. ``"cuda"``) is where quantization runs.
+    is raised; finished entries are saved (atomically) so the next call resumes. ``device`` (e.g.
+    ``"cuda"``) is where quantization runs.
     ``only`` (``{layer: option}``, e.g. a config's options) restricts the work to those entries.
     """
     options = tuple(options)
@@ -182,19 +183,23 @@ def option_table(
     done = total - len(todo)
     if progress:
         progress(done, total, "cached" if done else "start")
-    for layer, option in todo:
-        if cancel is not None and cancel():
-            raise OptionTableCancelled(f"option table cancelled after {done} of {total} entries")
-        method, bits = parse_option(option)
-        weight = modules[layer.name].weight.detach()
-        if device is not None:
-            weight = weight.to(device)
-        q = quantize_weight(weight, method, bits, seed=seed, name=layer.name)
-        q.codes, q.lut = q.codes.cpu(), q.lut.cpu()
-        table.entries.setdefault(layer.name, {})[option] = q
-        done += 1
-        if progress:
-            progress(done, total, f"{layer.name} {option}")
-    if path is not None and todo:
-        table.save(path)
+    computed = 0
+    try:
+        for layer, option in todo:
+            if cancel is not None and cancel():
+                raise OptionTableCancelled(f"option table cancelled after {done} of {total} entries")
+            method, bits = parse_option(option)
+            weight = modules[layer.name].weight.detach()
+            if device is not None:
+                weight = weight.to(device)
+            q = quantize_weight(weight, method, bits, seed=seed, name=layer.name)
+            q.codes, q.lut = q.codes.cpu(), q.lut.cpu()
+            table.entries.setdefault(layer.name, {})[option] = q
+            computed += 1
+            done += 1
+            if progress:
+                progress(done, total, f"{layer.name} {option}")
+    finally:  # cancelled or failed: keep what is done, the next call resumes from there
+        if path is not None and computed:
+            table.save(path)
     return table

@@ -94,3 +94,29 @@ def test_avg_bits_matches_real_quantization():
 def test_no_quantizable_layers():
     with pytest.raises(ValueError, match="no quantizable"):
         QuantConfig.uniform(nn.Sequential(nn.ReLU()), "uaq-4")
+
+
+def test_from_rules_first_match_wins():
+    m = tiny()
+    rules = QuantConfig.parse_rules("""
+        # feed-forward-ish layers at 3 bits, the rest at 4
+        blocks.0 = kmeans_c-3
+        blocks.* = uaq-4   # later rule, blocks.0 already taken
+        patch = fp16
+    """)
+    assert rules == [("blocks.0", "kmeans_c-3"), ("blocks.*", "uaq-4"), ("patch", "fp16")]
+    cfg = QuantConfig.from_rules(m, rules, default="kmeans_a-4")
+    assert cfg.options == {"patch": "fp16", "blocks.0": "kmeans_c-3", "blocks.1": "uaq-4", "blocks.2": "uaq-4",
+                           "final_layer": "kmeans_a-4"}
+    assert cfg.meta["rule"] == "rules" and cfg.meta["default"] == "kmeans_a-4"
+    assert QuantConfig.from_json(cfg.to_json(), model=m).options == cfg.options
+
+
+def test_rules_errors_name_the_line_and_pattern():
+    m = tiny()
+    with pytest.raises(ValueError, match="rule line 2 .*pattern = option"):
+        QuantConfig.parse_rules("blocks.0 = uaq-4\nblocks.1 uaq-4")
+    with pytest.raises(ValueError, match="invalid option 'uaq-5x'"):
+        QuantConfig.parse_rules("blocks.0 = uaq-5x")
+    with pytest.raises(ValueError, match="'blocks.9' matches no layer"):
+        QuantConfig.from_rules(m, [("blocks.9", "uaq-4")])

@@ -49,15 +49,29 @@ def test_cached_on_disk_and_extended(tmp_path, monkeypatch):
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_cancel_writes_nothing(tmp_path):
+def test_cancel_keeps_finished_entries_and_resumes(tmp_path):
     n = [0]
 
     def cancel():
         n[0] += 1
         return n[0] > 4
 
+    m = tiny()
     with pytest.raises(OptionTableCancelled, match="after 4 of 18"):
-        option_table(tiny(), cache_dir=tmp_path, cancel=cancel)
+        option_table(m, cache_dir=tmp_path, cancel=cancel)
+    (path,) = tmp_path.iterdir()  # the 4 finished entries, written atomically
+    seen = []
+    table = option_table(m, cache_dir=tmp_path, progress=lambda d, t, label: seen.append((d, t)))
+    assert seen[0] == (4, 18) and seen[-1] == (18, 18)
+    fresh = option_table(m)
+    for name, entries in fresh.entries.items():
+        for option, q in entries.items():
+            assert torch.equal(q.codes, table.entries[name][option].codes)
+
+
+def test_cancel_before_any_entry_writes_nothing(tmp_path):
+    with pytest.raises(OptionTableCancelled, match="after 0 of 18"):
+        option_table(tiny(), cache_dir=tmp_path, cancel=lambda: True)
     assert list(tmp_path.iterdir()) == []
 
 
