@@ -1,85 +1,134 @@
-"""`make demo`: the main job end to end on a tiny model (see README.md).
+"""`make demo`: the main job end to end, through a real ComfyUI server, on a tiny PixArt-Σ.
 
-Run as ``python -m qua2sedimo.demo --out demo-output``.
+Run as ``python -m qua2sedimo.demo --out demo-output`` with ``COMFY_DIR`` pointing at a ComfyUI tree
+(``make demo`` installs one, cached). Steps:
+
+1. a ComfyUI base directory under ``<out>/comfyui`` with this pack (and the test bed's random-conditioning
+   node, since the tiny model has no text encoder) in ``custom_nodes/``, a tiny random-weight PixArt-Σ and
+   a random TAESD (built by ComfyUI's own classes, cached; nothing is downloaded);
+2. ``main.py --cpu`` on loopback; the example workflows of ``workflows/`` are queued over HTTP as their
+   API twins: uniform W4 → sample, mixed 3/4-bit config → save quantized, load quantized → sample;
+3. ``<out>/`` receives the quantized safetensors, the sample images, the config and ``summary.json``.
+
+The test-bed helpers (server control, tiny models, workflow conversion) live in ``tests/``; the demo is a
+repository job, not part of the installed package's API.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from .quant import OPTIONS, QuantConfig, option_table
 from .quant.atomic import atomic_write_text
 
-
-class TinyDiTBlock(nn.Module):
-    """A PixArt-like block: self-attention, cross-attention and feed-forward projections."""
-
-    def __init__(self, width: int, ctx: int):
-        super().__init__()
-        self.attn = nn.ModuleDict({"qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width)})
-        self.cross_attn = nn.ModuleDict({
-            "q_linear": nn.Linear(width, width),
-            "kv_linear": nn.Linear(ctx, 2 * width),
-            "proj": nn.Linear(width, width),
-        })
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, 4 * width), "fc2": nn.Linear(4 * width, width)})
+REPO = Path(__file__).resolve().parent
+TESTS = REPO / "tests"
+DEMO_MODEL = "pixart_sigma_d1"
+STEMS = {"uniform": "qua2sedimo-uniform-w4-sample", "mixed": "qua2sedimo-mixed-config-save-quantized",
+         "load": "qua2sedimo-load-quantized-sample"}
 
 
-def tiny_dit(width: int = 256, depth: int = 4, ctx: int = 512, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Module()
-    model.x_embedder = nn.Conv2d(4, width, 2, stride=2)
-    model.t_embedder = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-    model.blocks = nn.ModuleList(TinyDiTBlock(width, ctx) for _ in range(depth))
-    model.final_layer = nn.Linear(width, 32)
-    return model.half()
+def _helpers():
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    import comfy_host
+    import tiny_models
+    import workflow_api
+
+    return comfy_host, tiny_models, workflow_api
+
+
+def _ui(entry: dict, key: str) -> list:
+    return [v for out in (entry.get("outputs") or {}).values() for v in out.get(key, [])]
+
+
+def prepare_base(out: Path) -> Path:
+    """``<out>/comfyui``: models (symlinked from the tiny-model cache), output/, custom_nodes/."""
+    comfy_host, tiny_models, _ = _helpers()
+    base = comfy_host.make_base_dir(out / "comfyui")
+    for name, target in (("qua2sedimo", REPO), ("qua2sedimo_testnodes", TESTS / "testnodes")):
+        link = base / "custom_nodes" / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    tiny_models.ensure_models(base / "models", [DEMO_MODEL])
+    return base
+
+
+def run_workflows(server, out: Path) -> dict:
+    """Queue the three example workflows; copy their results into ``out``; return their summaries."""
+    _, _, wa = _helpers()
+    model = {**wa.TWIN_MODEL, "unet": f"{DEMO_MODEL}.safetensors"}
+    results: dict = {}
+
+    t0 = time.perf_counter()
+    entry = server.run(wa.to_testbed(wa.twin(STEMS["uniform"]), **model), timeout=600)
+    (img,) = server.saved_images(entry)
+    shutil.copyfile(img, out / "sample-uniform-w4.png")
+    results["uniform_w4"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-uniform-w4.png",
+                             **_ui(entry, "qua2sedimo")[0]}
+
+    t0 = time.perf_counter()
+    entry = server.run(wa.to_testbed(wa.twin(STEMS["mixed"]), **model), timeout=600)
+    apply_summary, saved = _ui(entry, "qua2sedimo")
+    shutil.copyfile(server.base / "output" / saved["file"], out / "model-mixed.q.safetensors")
+    cfg_text = next(t for t in _ui(entry, "text") if t.startswith("saved ") and t.split()[1].endswith(".json:"))
+    cfg_rel = cfg_text.split()[1].rstrip(":")
+    shutil.copyfile(server.base / "models" / "qua2sedimo" / cfg_rel, out / "config-mixed.json")
+    results["mixed"] = {"seconds": round(time.perf_counter() - t0, 2), "file": "model-mixed.q.safetensors",
+                        "file_bytes": saved["bytes"], "config": "config-mixed.json", **apply_summary}
+
+    t0 = time.perf_counter()
+    entry = server.run(wa.to_testbed(wa.twin(STEMS["load"]), **{**model, "quantized_file": saved["file"]}),
+                       timeout=600)
+    (img,) = server.saved_images(entry)
+    shutil.copyfile(img, out / "sample-from-quantized.png")
+    info = json.loads(next(t for t in _ui(entry, "text") if t.startswith("{")))
+    results["load_quantized"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-from-quantized.png",
+                                 "avg_bits": info["avg_bits"], "model_class": info["model"]}
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Qua2SeDiMo demo on a tiny random model")
+    ap = argparse.ArgumentParser(description="Qua2SeDiMo demo: the example workflows on a tiny PixArt-Σ, "
+                                 "through a real ComfyUI server on loopback")
     ap.add_argument("--out", type=Path, default=Path("demo-output"))
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = tiny_dit()
-    t0 = time.perf_counter()
-    table = option_table(model, cache_dir=args.out / "cache")
-    t_table = time.perf_counter() - t0
-    errors = table.errors()
-    # A simple mixed rule until the search lands: the lowest-error 3-bit option where it costs at most
-    # 2x the best 4-bit error, else the best 4-bit option; first and last layers stay in fp16.
-    mixed = {}
-    for name, errs in errors.items():
-        best4 = min((errs[o], o) for o in OPTIONS if o.endswith("-4"))
-        best3 = min((errs[o], o) for o in OPTIONS if o.endswith("-3"))
-        mixed[name] = best3[1] if best3[0] <= 2 * best4[0] else best4[1]
-    keep = ("x_embedder", "final_layer")
-    configs = {
-        "uniform_uaq4": QuantConfig.uniform(model, "uaq-4", keep=keep),
-        "mixed": QuantConfig.from_options(model, {k: v for k, v in mixed.items() if k not in keep}),
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("COMFY_DIR"):
+        raise SystemExit("COMFY_DIR is not set: run `make demo` (it installs the ComfyUI host and sets it)")
+    comfy_host, _, _ = _helpers()
+
+    t_start = time.perf_counter()
+    base = prepare_base(out)
+    dense_bytes = (base / "models" / "diffusion_models" / f"{DEMO_MODEL}.safetensors").stat().st_size
+    t_server = time.perf_counter()
+    with comfy_host.ComfyServer(base) as server:
+        t_server = time.perf_counter() - t_server
+        workflows = run_workflows(server, out)
+    summary = {
+        "model": f"{DEMO_MODEL} (tiny PixArt-Σ, random weights, fp16 file)",
+        "dense_file_bytes": dense_bytes,
+        "quantized_file_bytes": workflows["mixed"]["file_bytes"],
+        "compression": round(dense_bytes / workflows["mixed"]["file_bytes"], 2),
+        "workflows": workflows,
+        "seconds": {"server_start": round(t_server, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "comfyui_base": str(base),
     }
-    summary = {"layers": len(table.layers), "option_table_seconds": round(t_table, 3), "configs": {}}
-    for name, cfg in configs.items():
-        cfg.save(args.out / f"config_{name}.json")
-        summary["configs"][name] = {
-            "avg_bits": round(cfg.avg_bits(model), 4),
-            "stored_bytes": cfg.nbytes(),
-            "options": dict(cfg.counts()),
-            "mean_rel_error": sum(
-                errors[n][o] for n, o in cfg.options.items() if o != "fp16"
-            ) / max(1, sum(o != "fp16" for o in cfg.options.values())),
-        }
-    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
-    print(f"option table: {len(table.layers)} layers x {len(OPTIONS)} options in {t_table:.2f} s")
-    for name, s in summary["configs"].items():
-        print(f"{name:>14}: b̄ = {s['avg_bits']:.3f} bits, {s['stored_bytes'] / 1e6:.2f} MB, "
-              f"mean rel. error {s['mean_rel_error']:.4f}")
-    print(f"wrote {args.out}/summary.json and configs")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    m = workflows["mixed"]
+    print(f"Qua2SeDiMo demo ({summary['model']}), outputs in {out}/")
+    print(f"  uniform W4: b̄ = {workflows['uniform_w4']['avg_bits']:.3f}, sampled in "
+          f"{workflows['uniform_w4']['seconds']:.1f} s → sample-uniform-w4.png")
+    print(f"  mixed 3/4-bit: b̄ = {m['avg_bits']:.3f} ({', '.join(f'{k}: {v}' for k, v in m['counts'].items())}); "
+          f"file {dense_bytes / 2**20:.1f} MiB → {m['file_bytes'] / 2**20:.1f} MiB → model-mixed.q.safetensors")
+    print(f"  load quantized → sample-from-quantized.png; total {summary['seconds']['total']:.0f} s")
     return summary
 
 

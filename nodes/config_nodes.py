@@ -43,8 +43,8 @@ class UniformConfig(io.ComfyNode):
 
 
 DEFAULT_RULES = """# pattern = option, first match wins (globs over layer names; see the Apply Config summary)
-*mlp.fc2 = kmeans_c-3
-*ff.net.2 = kmeans_c-3
+*mlp.fc* = kmeans_c-3
+*ff.net.* = kmeans_c-3
 *attn* = uaq-4
 """
 

@@ -49,7 +49,9 @@ class ApplyConfig(io.ComfyNode):
             f"b̄ = {summary['avg_bits']:.3f} bits; denoiser {summary['bytes_before'] / 2**20:.1f} MiB → "
             f"{summary['bytes_after'] / 2**20:.1f} MiB; " + ", ".join(f"{k}: {v}" for k, v in summary["counts"].items())
         )
-        return io.NodeOutput(out, text, ui=ui.PreviewText(text))
+        brief = {k: summary[k] for k in ("bytes_before", "bytes_after", "avg_bits", "avg_bits_stored", "counts",
+                                         "act_bits")}
+        return io.NodeOutput(out, text, ui={"text": [text], "qua2sedimo": [brief]})
 
 
 class SaveQuantized(io.ComfyNode):
@@ -73,8 +75,10 @@ class SaveQuantized(io.ComfyNode):
         header = bridge.save_quantized(model, path)
         rel = path.relative_to(Path(out_dir).resolve()).as_posix()
         n_q = sum(1 for i in header["layers"].values() if i["option"] != "fp16")
-        text = f"saved {rel} ({path.stat().st_size / 2**20:.1f} MiB, {n_q} quantized layers)"
-        return io.NodeOutput(rel, ui=ui.PreviewText(text))
+        size = path.stat().st_size
+        text = f"saved {rel} ({size / 2**20:.1f} MiB, {n_q} quantized layers)"
+        return io.NodeOutput(rel, ui={"text": [text], "qua2sedimo": [{"file": rel, "bytes": size,
+                                                                       "quantized_layers": n_q}]})
 
 
 class LoadQuantized(io.ComfyNode):
