@@ -280,3 +280,64 @@ def load_quantized(path: Path):
     model.size = comfy.model_management.module_size(model.model)
     mark_quantized(model)
     return model
+
+
+# ------------------------------------------------------------------------------------------- search
+def journal_dir() -> Path:
+    return config_dir() / "journals"
+
+
+def search_copy(model) -> nn.Module:
+    """A copy of the MODEL's BaseModel whose denoiser module tree is its own (parameters shared, no memory):
+    the search swaps quantized layers into it while the MODEL itself keeps serving normal workflows."""
+    dm = diffusion_model(model)
+    base = copy.copy(model.model)
+    base._modules = dict(model.model._modules)
+    base._parameters = dict(model.model._parameters)
+    base._buffers = dict(model.model._buffers)
+    base.diffusion_model = _shallow_copy(dm)
+    return base
+
+
+def routed(model, fn):
+    """A clone of ``model`` whose sampler calls ``fn(apply_model, x, t, **c)`` for every denoiser call."""
+    out = model.clone()
+    out.set_model_unet_function_wrapper(lambda apply_model, a: fn(apply_model, a["input"], a["timestep"], **a["c"]))
+    return out
+
+
+def sample_latents(model, positive, negative, *, seed: int, steps: int, cfg: float, sampler_name: str,
+                   scheduler: str, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's KSampler on an empty latent of ``width``×``height`` pixels (fixed seed, no progress bar)."""
+    import comfy.sample
+
+    channels = getattr(model.model.latent_format, "latent_channels", 4)
+    latent = torch.zeros(1, channels, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               seed=seed, disable_pbar=True)
+
+
+def load_for_eval(model) -> torch.device:
+    """Have ComfyUI's model management place the MODEL's weights (shared with the search copy) on its device."""
+    comfy.model_management.load_models_gpu([model])
+    return model.load_device
+
+
+def interrupted() -> bool:
+    """True while the user's Cancel (``/interrupt``) is pending."""
+    return comfy.model_management.processing_interrupted()
+
+
+def progress_bar(node_id: str | None, total: int):
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def send_event(event: str, data: dict) -> None:
+    """A websocket message to the frontend (no-op outside the server)."""
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:
+        pass

@@ -8,9 +8,11 @@ from .layers import QuantConv2d, QuantLinear
 from .options import FP_OPTION, METHODS, OPTIONS, SUPPORTED_BITS, format_option, parse_option
 from .packing import pack_codes, packed_length, unpack_codes
 from .quantizers import QuantizedWeight, quantize_weight
+from .swap import ConfigSwapper
 from .table import OptionTable, OptionTableCancelled, option_table
 
 __all__ = [
+    "ConfigSwapper",
     "FP_OPTION",
     "METHODS",
     "OPTIONS",

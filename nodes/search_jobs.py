@@ -1,0 +1,286 @@
+"""Search jobs: prepare a model for the search (option table, FP trajectory states, weight swapper) and run
+:func:`search.runner.run_search` in a background thread, one job per journal run, re-attachable.
+
+Used by the Search nodes and by the command line (``python -m qua2sedimo search``). ComfyUI internals are
+reached only through :mod:`.comfy_bridge`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..quant import option_table, quantizable_layers
+from ..quant.layer_table import layers_fingerprint
+from ..quant.swap import ConfigSwapper
+from ..search.journal import Journal
+from ..search.objectives import DenoiseError, ImageDistance, StateRecorder, TrajectoryStates, states_cache_key
+from ..search.runner import SearchProgress, SearchResult, run_search
+from ..search.sampling import ConfigSampler, option_set
+from . import comfy_bridge as bridge
+
+OBJECTIVES = ("denoise_error", "image")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a search measures and how; everything here except the budget keys its journal run."""
+
+    objective: str = "denoise_error"
+    seed: int = 0  # sampler stream and sampling seeds
+    n_seeds: int = 2  # FP trajectories (seeds) recorded / sampled per evaluation
+    n_states: int = 8  # trajectory states kept in total (denoise_error)
+    steps: int = 10
+    cfg: float = 4.0
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    width: int = 256
+    height: int = 256
+    options: tuple[str, ...] = field(default_factory=lambda: option_set())
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        for name in ("n_seeds", "n_states", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 16:
+            raise ValueError(f"width/height must be multiples of 8 and ≥ 16, got {self.width}×{self.height}")
+
+    def settings(self, conditioning_digest: str) -> dict:
+        d = asdict(self)
+        d["options"], d["keep"] = list(self.options), list(self.keep)
+        d["conditioning"] = conditioning_digest
+        return d
+
+
+def conditioning_digest(*conds) -> str:
+    """A hash of CONDITIONING tensors (prompts), part of the journal key."""
+    h = hashlib.sha256()
+
+    def visit(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v):
+                h.update(str(k).encode())
+                visit(v[k])
+        elif isinstance(v, list | tuple):
+            for x in v:
+                visit(x)
+        elif isinstance(v, int | float | str | bool) or v is None:
+            h.update(repr(v).encode())
+
+    for c in conds:
+        visit(c)
+    return h.hexdigest()[:16]
+
+
+def check_conditioning(cond, what: str) -> None:
+    ok = isinstance(cond, list) and cond and all(
+        isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[0], torch.Tensor) and c[0].dim() == 3
+        for c in cond)
+    if not ok:
+        raise ValueError(f"{what}: expected ComfyUI CONDITIONING (a list of [tensor[batch, tokens, dim], dict]); "
+                         "connect a CLIP Text Encode output")
+
+
+@dataclass
+class SearchContext:
+    """Everything an evaluation needs, prepared once per model and spec."""
+
+    model: object  # the ComfyUI MODEL (ModelPatcher)
+    layers: list
+    sampler: ConfigSampler
+    evaluate: Callable[[Mapping[str, str]], dict]
+    journal_kwargs: dict
+    primary: str
+
+
+class _Evaluate:
+    """``options → objective values``: swap prepared weights into the search copy, run the objective."""
+
+    def __init__(self, model, swapper: ConfigSwapper, objective: Callable[[], dict]):
+        self.model, self.swapper, self.objective = model, swapper, objective
+        self.last_timings: dict[str, float] = {}
+
+    def __call__(self, options: Mapping[str, str]) -> dict:
+        t0 = time.perf_counter()
+        bridge.load_for_eval(self.model)
+        self.swapper.apply(dict(options))
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            values = self.objective()
+        self.last_timings = {"swap": t1 - t0, "forward": time.perf_counter() - t1}
+        return values
+
+
+def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:
+    """Option table (cached), FP reference (trajectory states or final latents, cached per spec), swapper."""
+    check_conditioning(positive, "positive")
+    check_conditioning(negative, "negative")
+    dm = bridge.diffusion_model(model)
+    layers = quantizable_layers(dm)
+    if not layers:
+        raise ValueError("this MODEL's denoiser has no quantizable Linear/Conv2d layers: nothing to search")
+    fingerprint = layers_fingerprint(layers)
+    digest = conditioning_digest(positive, negative)
+    settings = spec.settings(digest)
+    table = option_table(dm, spec.options, cache_dir=bridge.cache_dir(), device=bridge._quant_device(),
+                         progress=progress)
+    base = bridge.search_copy(model)
+    swapper = ConfigSwapper(base.diffusion_model, table, check_weights=False)
+    seeds = [spec.seed + i for i in range(spec.n_seeds)]
+    kw = dict(steps=spec.steps, cfg=spec.cfg, sampler_name=spec.sampler_name, scheduler=spec.scheduler,
+              width=spec.width, height=spec.height)
+    bridge.load_for_eval(model)
+
+    if spec.objective == "denoise_error":
+        cache = bridge.cache_dir() / f"states-{states_cache_key(fingerprint, settings)}.safetensors"
+        states = TrajectoryStates.load(cache) if cache.exists() else None
+        if states is None:
+            per = max(1, -(-spec.n_states // spec.n_seeds))
+            rec = StateRecorder(lambda x, t, **c: c.pop("__apply")(x, t, **c), per_trajectory=per,
+                                drop=("transformer_options", "__apply"))
+
+            def record(apply_model, x, t, **c):
+                return rec(x, t, __apply=apply_model, **c)
+
+            fp = bridge.routed(model, record)
+            for s in seeds:
+                rec.new_trajectory()
+                bridge.sample_latents(fp, positive, negative, seed=s, **kw)
+            states = rec.states(meta={"settings": settings})
+            states.save(cache)
+        metric = DenoiseError(states, device=model.load_device)
+
+        def objective() -> dict:
+            return metric(base.apply_model)
+
+        primary = "denoise_error"
+    else:
+        fp_latents = torch.cat([bridge.sample_latents(model, positive, negative, seed=s, **kw) for s in seeds])
+        metric = ImageDistance(fp_latents)
+        quant = bridge.routed(model, lambda apply_model, x, t, **c: base.apply_model(x, t, **c))
+
+        def objective() -> dict:
+            out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in seeds])
+            return metric(out)
+
+        primary = "image_nmse"
+
+    sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
+    journal_kwargs = dict(model_fingerprint=fingerprint, objective=spec.objective,
+                          settings={**settings, "sampler": sampler.settings()},
+                          layer_names=[la.name for la in layers])
+    return SearchContext(model, layers, sampler, _Evaluate(model, swapper, objective), journal_kwargs, primary)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class SearchHandle:
+    """What flows along a SEARCH socket: where the journal run is (read it with :meth:`open`)."""
+
+    journal: str
+    journal_kwargs: dict
+    primary: str
+    job_key: str
+
+    def open(self) -> Journal:
+        kw = {k: v for k, v in self.journal_kwargs.items() if k != "layer_names"}
+        return Journal.open(self.journal, readonly=True, **kw)
+
+    def job(self) -> SearchJob | None:
+        return JOBS.get(self.job_key)
+
+
+class SearchJob:
+    """One search running in a daemon thread; ``stop()`` makes it finish after the evaluation in flight."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.status = "starting"
+        self.progress: SearchProgress | None = None
+        self.result: SearchResult | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+JOBS: dict[str, SearchJob] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+def job_key(journal: Path, journal_kwargs: dict) -> str:
+    kw = {k: journal_kwargs[k] for k in ("model_fingerprint", "objective", "settings")}
+    return hashlib.sha256(repr((str(journal), sorted(kw.items(), key=str))).encode()).hexdigest()[:16]
+
+
+def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
+            job: SearchJob, on_progress: Callable[[SearchProgress], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> SearchResult:
+    """Run the search to its budget (in this thread), recording status on ``job``."""
+    job.status = "running"
+
+    def progress(p: SearchProgress) -> None:
+        job.progress = p
+        if on_progress is not None:
+            on_progress(p)
+
+    try:
+        with Journal.open(journal, **ctx.journal_kwargs) as j:
+            res = run_search(j, ctx.sampler, ctx.evaluate, ctx.layers, primary=ctx.primary, max_configs=max_configs,
+                             max_seconds=max_seconds, progress=progress,
+                             cancel=lambda: job.stopped() or (cancel is not None and cancel()))
+        job.result, job.status = res, res.status
+        return res
+    except BaseException as e:
+        job.status, job.error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
+        raise
+
+
+def start_background(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
+                     on_progress: Callable[[SearchProgress], None] | None = None) -> SearchJob:
+    """Start the job for this journal run, or return the one already running (re-attach)."""
+    key = job_key(journal, ctx.journal_kwargs)
+    with _JOBS_LOCK:
+        job = JOBS.get(key)
+        if job is not None and job.running:
+            return job
+        job = SearchJob(key)
+        JOBS[key] = job
+
+        def target() -> None:
+            try:
+                run_job(ctx, journal, max_configs=max_configs, max_seconds=max_seconds, job=job,
+                        on_progress=on_progress)
+            except BaseException:  # recorded on the job; the Status node shows it
+                pass
+
+        job.thread = threading.Thread(target=target, name=f"qua2sedimo-search-{key}", daemon=True)
+        job.thread.start()
+    return job

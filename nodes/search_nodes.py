@@ -1,0 +1,151 @@
+"""The Search node (a background job over the journal) and the Search Status node."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..search.report import pareto_png, png_to_array, status_text
+from ..search.sampling import option_set
+from . import comfy_bridge as bridge
+from . import search_jobs as jobs
+from .comfy_bridge import safe_prefix
+from .sockets import CATEGORY
+from .sockets import Search as SearchSocket
+
+MODES = ["background", "wait", "stop"]
+
+
+def _journal_path(name: str):
+    path = bridge.journal_dir() / f"{safe_prefix(name)}.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Search(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Qua2SeDiMoSearch",
+            display_name="Qua2SeDiMo Search",
+            category=CATEGORY,
+            description="Evaluate random mixed 3/4-bit configs of the model against its full-precision outputs and "
+            "journal every result (models/qua2sedimo/journals/<journal>.sqlite). 'background' returns at once and "
+            "keeps searching while ComfyUI stays usable; queue the node again (same inputs) to re-attach, also "
+            "after a restart: the search resumes from the journal. 'wait' runs to the budget with a progress bar "
+            "(Cancel keeps every finished config). 'stop' ends a background search after the config in flight.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Combo.Input("objective", options=list(jobs.OBJECTIVES), default="denoise_error",
+                               tooltip="denoise_error: teacher-forced denoiser error on cached FP trajectory states "
+                               "(cheapest); image: full sampling, distance of final latents to FP"),
+                io.Int.Input("configs", default=100, min=1, max=100000, tooltip="configs the journal should hold"),
+                io.Float.Input("minutes", default=0.0, min=0.0, max=10000.0, step=1.0,
+                               tooltip="time budget of this session (0 = none)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Combo.Input("mode", options=MODES, default="background"),
+                io.String.Input("journal", default="search"),
+                io.Int.Input("steps", default=10, min=1, max=200, tooltip="sampler steps of the FP trajectories"),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("n_states", default=8, min=1, max=256,
+                             tooltip="trajectory states per evaluation (denoise_error)"),
+                io.Int.Input("n_seeds", default=2, min=1, max=64, tooltip="sampling seeds (trajectories)"),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1),
+            ],
+            outputs=[SearchSocket.Output(display_name="search"), io.String.Output(display_name="status")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # always re-run: the journal changes while the job runs
+
+    @classmethod
+    def execute(cls, model, positive, negative, objective: str, configs: int, minutes: float, seed: int, mode: str,
+                journal: str, steps: int, width: int, height: int, n_states: int, n_seeds: int,
+                cfg: float) -> io.NodeOutput:
+        spec = jobs.SearchSpec(objective=objective, seed=seed, n_seeds=n_seeds, n_states=n_states, steps=steps,
+                               cfg=cfg, width=width, height=height, options=option_set())
+        path = _journal_path(journal)
+        node_id = cls.hidden.unique_id
+        ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
+        key = jobs.job_key(path, ctx.journal_kwargs)
+        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key)
+        max_seconds = minutes * 60 if minutes > 0 else None
+        job = jobs.JOBS.get(key)
+        if mode == "stop":
+            if job is not None and job.running:
+                job.stop()
+                job.wait(600)
+        elif mode == "wait":
+            if job is not None and job.running:
+                raise ValueError("this search is running in the background: use mode 'stop' first, or 'background' "
+                                 "to watch it")
+            bar = bridge.progress_bar(node_id, configs)
+            job = jobs.SearchJob(key)
+            jobs.run_job(ctx, path, max_configs=configs, max_seconds=max_seconds, job=job,
+                         on_progress=lambda p: bar.update_absolute(p.done, configs),
+                         cancel=bridge.interrupted)
+            if job.status == "cancelled":
+                bridge.comfy.model_management.throw_exception_if_processing_interrupted()
+        else:
+            def on_progress(p) -> None:
+                bridge.progress_bar(node_id, configs).update_absolute(p.done, configs)
+                bridge.send_event("qua2sedimo.search", {"node": node_id, "journal": str(path), "text": p.text()})
+
+            job = jobs.start_background(ctx, path, max_configs=configs, max_seconds=max_seconds,
+                                        on_progress=on_progress)
+        text = _status(handle, configs)
+        return io.NodeOutput(handle, text, ui=ui.PreviewText(text))
+
+
+def _status(handle: jobs.SearchHandle, target: int | None = None) -> str:
+    job = handle.job()
+    state = job.status if job is not None else "idle"
+    try:
+        with handle.open() as j:
+            records = j.records()
+    except ValueError:
+        records = []
+    text = status_text(records, objective=handle.primary, target=target, state=state)
+    if job is not None and job.progress is not None and job.progress.eta is not None and job.running:
+        text += f"\nETA {job.progress.eta / 60:.1f} min"
+    if job is not None and job.error:
+        text += f"\nerror: {job.error}"
+    return text
+
+
+class SearchStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Qua2SeDiMoSearchStatus",
+            display_name="Qua2SeDiMo Search Status",
+            category=CATEGORY,
+            description="What a search has evaluated so far: text and a Pareto plot (objective vs b̄).",
+            inputs=[SearchSocket.Input("search")],
+            outputs=[io.String.Output(display_name="text"), io.Image.Output(display_name="pareto")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")
+
+    @classmethod
+    def execute(cls, search: jobs.SearchHandle) -> io.NodeOutput:
+        try:
+            with search.open() as j:
+                records = j.records()
+        except ValueError:
+            records = []
+        text = _status(search)
+        image = torch.from_numpy(png_to_array(pareto_png(records, objective=search.primary)))[None]
+        return io.NodeOutput(text, image, ui=ui.PreviewText(text))
+
+
+__all__ = ["Search", "SearchStatus", "np"]

@@ -1,0 +1,101 @@
+"""The search on the real ComfyUI host (in-process): preparation, evaluation, background job, status node."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def _setup(tiny_models, tmp_path, monkeypatch, name="pixart_sigma_d1", arch="pixart"):
+    import comfy.sd
+    import tiny_models as tm
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+
+    bridge.register_folders()
+    # the option-table cache is shared by the session (models/qua2sedimo/cache of the test base)
+    monkeypatch.setattr(bridge, "journal_dir", lambda: tmp_path / "journals")
+    mp = comfy.sd.load_diffusion_model(str(tiny_models[name]))
+    return mp, tm.conditioning_for(arch, seed=1), tm.conditioning_for(arch, seed=2)
+
+
+SMALL = dict(n_seeds=1, n_states=4, steps=4, width=384, height=384)  # PixArt needs ≥ 48 latent px
+
+
+@pytest.mark.comfy_inproc
+def test_denoise_error_search_and_resume(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.search.journal import Journal
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    spec = jobs.SearchSpec(**SMALL)
+    ctx = jobs.prepare(mp, pos, neg, spec)
+    names = [la.name for la in ctx.layers]
+    fp = ctx.evaluate({n: "fp16" for n in names})
+    assert fp["denoise_error"] < 1e-6
+    w3 = ctx.evaluate({n: "uaq-3" for n in names})
+    w4 = ctx.evaluate({n: "uaq-4" for n in names})
+    assert 0 < w4["denoise_error"] < w3["denoise_error"]
+    assert set(ctx.evaluate.last_timings) == {"swap", "forward"}
+
+    path = tmp_path / "j.sqlite"
+    job = jobs.SearchJob("t")
+    res = jobs.run_job(ctx, path, max_configs=3, max_seconds=None, job=job)
+    assert (res.status, res.new, job.status) == ("done", 3, "done")
+    # the states are cached: a second prepare does not sample again, and the run resumes from the journal
+    ctx2 = jobs.prepare(mp, pos, neg, spec)
+    assert ctx2.journal_kwargs == ctx.journal_kwargs
+    res = jobs.run_job(ctx2, path, max_configs=5, max_seconds=None, job=jobs.SearchJob("t2"))
+    assert (res.done, res.new) == (5, 2)
+    with Journal.open(path, readonly=True, **{k: v for k, v in ctx.journal_kwargs.items() if k != "layer_names"}) as j:
+        recs = j.records()
+    assert [r.idx for r in recs] == [0, 1, 2, 3, 4]
+    assert all(0 < r.primary < 10 and 3 <= r.avg_bits < 5 for r in recs)
+    # the input MODEL is untouched by the swaps
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.quant.layers import _QuantBase
+
+    assert not any(isinstance(m, _QuantBase) for m in bridge.diffusion_model(mp).modules())
+
+
+@pytest.mark.comfy_inproc
+def test_image_objective_and_bad_input(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    import torch
+
+    from qua2sedimo.nodes import search_jobs as jobs
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    ctx = jobs.prepare(mp, pos, neg, jobs.SearchSpec(objective="image", **SMALL))
+    names = [la.name for la in ctx.layers]
+    assert ctx.evaluate({n: "fp16" for n in names})["image_nmse"] < 1e-10
+    assert ctx.evaluate({n: "uaq-3" for n in names})["image_nmse"] > 0
+    with pytest.raises(ValueError, match="positive: expected ComfyUI CONDITIONING"):
+        jobs.prepare(mp, torch.zeros(3), neg, jobs.SearchSpec(**SMALL))
+    with pytest.raises(ValueError, match="unknown objective 'fidd'"):
+        jobs.SearchSpec(objective="fidd")
+
+
+@pytest.mark.comfy_inproc
+def test_background_job_stop_and_status(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.search.report import pareto_png, status_text
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    ctx = jobs.prepare(mp, pos, neg, jobs.SearchSpec(**SMALL))
+    path = tmp_path / "bg.sqlite"
+    job = jobs.start_background(ctx, path, max_configs=1000, max_seconds=None)
+    assert jobs.start_background(ctx, path, max_configs=1000, max_seconds=None) is job  # re-attach
+    t0 = time.monotonic()
+    while (job.progress is None or job.progress.done < 2) and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    job.stop()
+    job.wait(60)
+    assert not job.running and job.status == "cancelled", job.error
+    handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, job.key)
+    with handle.open() as j:
+        recs = j.records()
+    assert len(recs) >= 2 and job.result.done == len(recs)
+    text = status_text(recs, objective="denoise_error", target=1000, state=job.status)
+    assert text.startswith(f"cancelled: {len(recs)}/1000") and "Pareto front" in text
+    assert pareto_png(recs, objective="denoise_error")[:8] == b"\x89PNG\r\n\x1a\n"
