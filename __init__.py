@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     """ComfyUI V3 entry point: the extension that lists this pack's nodes."""
-    from .nodes import Qua2SeDiMoExtension
+    from .nodes.extension import Qua2SeDiMoExtension
 
     return Qua2SeDiMoExtension()

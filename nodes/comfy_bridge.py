@@ -48,7 +48,9 @@ def config_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return config_dir() / "cache"
+    """Option tables and FP trajectory states (``$QUA2SEDIMO_CACHE_DIR`` overrides models/qua2sedimo/cache)."""
+    override = os.environ.get("QUA2SEDIMO_CACHE_DIR")
+    return Path(override) if override else config_dir() / "cache"
 
 
 def list_configs() -> list[str]:
@@ -341,3 +343,18 @@ def send_event(event: str, data: dict) -> None:
         PromptServer.instance.send_sync(event, data)
     except Exception:
         pass
+
+
+def load_model_file(path: Path, *, with_clip: bool = False):
+    """(MODEL, CLIP or None) from a diffusion-model file or, with ``with_clip``, a full checkpoint."""
+    if with_clip:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)
+        if clip is None:
+            raise ValueError(f"{path.name!r} holds no text encoder: pass --conditioning instead of prompts")
+        return model, clip
+    return comfy.sd.load_diffusion_model(str(path)), None
+
+
+def encode_prompt(clip, text: str) -> list:
+    """CONDITIONING for ``text``, as CLIP Text Encode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

@@ -195,6 +195,7 @@ class SearchHandle:
     journal_kwargs: dict
     primary: str
     job_key: str
+    target: int | None = None  # the configs budget the Search node was given
 
     def open(self) -> Journal:
         kw = {k: v for k, v in self.journal_kwargs.items() if k != "layer_names"}
@@ -238,6 +239,18 @@ _JOBS_LOCK = threading.Lock()
 def job_key(journal: Path, journal_kwargs: dict) -> str:
     kw = {k: journal_kwargs[k] for k in ("model_fingerprint", "objective", "settings")}
     return hashlib.sha256(repr((str(journal), sorted(kw.items(), key=str))).encode()).hexdigest()[:16]
+
+
+def done_count(journal: Path, journal_kwargs: dict) -> int:
+    """Sampled configs of this run already in the journal (0 when the file or the run does not exist yet)."""
+    if not Path(journal).exists():
+        return 0
+    kw = {k: v for k, v in journal_kwargs.items() if k != "layer_names"}
+    try:
+        with Journal.open(journal, readonly=True, **kw) as j:
+            return len(j.done_indices())
+    except ValueError:
+        return 0
 
 
 def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,

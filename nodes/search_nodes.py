@@ -45,7 +45,7 @@ class Search(io.ComfyNode):
                 io.Int.Input("configs", default=100, min=1, max=100000, tooltip="configs the journal should hold"),
                 io.Float.Input("minutes", default=0.0, min=0.0, max=10000.0, step=1.0,
                                tooltip="time budget of this session (0 = none)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
                 io.Combo.Input("mode", options=MODES, default="background"),
                 io.String.Input("journal", default="search"),
                 io.Int.Input("steps", default=10, min=1, max=200, tooltip="sampler steps of the FP trajectories"),
@@ -74,7 +74,7 @@ class Search(io.ComfyNode):
         node_id = cls.hidden.unique_id
         ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
         key = jobs.job_key(path, ctx.journal_kwargs)
-        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key)
+        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs)
         max_seconds = minutes * 60 if minutes > 0 else None
         job = jobs.JOBS.get(key)
         if mode == "stop":
@@ -97,20 +97,24 @@ class Search(io.ComfyNode):
                 bridge.progress_bar(node_id, configs).update_absolute(p.done, configs)
                 bridge.send_event("qua2sedimo.search", {"node": node_id, "journal": str(path), "text": p.text()})
 
-            job = jobs.start_background(ctx, path, max_configs=configs, max_seconds=max_seconds,
-                                        on_progress=on_progress)
+            if (job is not None and job.running) or jobs.done_count(path, ctx.journal_kwargs) < configs:
+                job = jobs.start_background(ctx, path, max_configs=configs, max_seconds=max_seconds,
+                                            on_progress=on_progress)
         text = _status(handle, configs)
         return io.NodeOutput(handle, text, ui=ui.PreviewText(text))
 
 
 def _status(handle: jobs.SearchHandle, target: int | None = None) -> str:
     job = handle.job()
-    state = job.status if job is not None else "idle"
     try:
         with handle.open() as j:
             records = j.records()
     except ValueError:
         records = []
+    n_random = sum(r.idx is not None for r in records)
+    state = job.status if job is not None else "idle"
+    if target and n_random >= target and not (job is not None and job.running):
+        state = "done"
     text = status_text(records, objective=handle.primary, target=target, state=state)
     if job is not None and job.progress is not None and job.progress.eta is not None and job.running:
         text += f"\nETA {job.progress.eta / 60:.1f} min"
@@ -143,7 +147,7 @@ class SearchStatus(io.ComfyNode):
                 records = j.records()
         except ValueError:
             records = []
-        text = _status(search)
+        text = _status(search, search.target)
         image = torch.from_numpy(png_to_array(pareto_png(records, objective=search.primary)))[None]
         return io.NodeOutput(text, image, ui=ui.PreviewText(text))
 

@@ -1,14 +1,57 @@
-"""Figures and text about a search (matplotlib, Agg backend; no ComfyUI)."""
+"""Figures, text and JSON about a search and its sensitivity scores (matplotlib, Agg backend; no ComfyUI).
+
+Figures are returned as PNG bytes (:func:`png_to_array` turns one into a ComfyUI IMAGE array):
+
+* :func:`pareto_png` — evaluated configs (b̄ vs objective) with the Pareto front; constructed configs (journal
+  ``source`` ``"constructed:<rule>"``) as stars, and their predicted scores on a second axis;
+* :func:`insight_figures` — box plots of unit scores per op type, block category and block index (paper §4.3);
+* :func:`chosen_options_png` — per op type, the fraction of layers given each option, one row per config.
+
+:func:`report_json` gathers the insights (most/least sensitive units, per-category statistics, which op types
+tolerate 3 bits, predictor quality, constructions predicted vs measured, recommendations) as plain JSON data;
+:func:`report_text` renders it and :func:`report_dumps` serializes it as strict JSON (no NaN).
+
+Scores follow the paper's convention: higher = better predicted quality (§4.2). A unit is *sensitive* when the
+choice among its variants matters, i.e. its scores spread widely (the README's reading of the box plots).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..quant.options import FP_OPTION, OPTIONS, parse_option
 from .journal import Record
 from .runner import pareto_front
+from .sampling import config_key
+
+__all__ = [
+    "INSIGHT_KEYS",
+    "REPORT_FORMAT",
+    "aggregate_insights",
+    "chosen_options_png",
+    "insight_figures",
+    "is_constructed",
+    "pareto_png",
+    "png_to_array",
+    "report_dumps",
+    "report_json",
+    "report_text",
+    "status_text",
+]
+
+REPORT_FORMAT = "qua2sedimo.report"
+REPORT_VERSION = 1
+INSIGHT_KEYS = ("op_type", "block_category", "block_index")
+PREDICTED_KEY = "predicted_score"  # = construct.PREDICTED_KEY (not imported: construct imports quant.config/torch)
+_INPUT_SIDE = ("t-embed", "c-embed", "patchify", "conv-in")  # global units drawn before block 0
 
 
 def _figure():
@@ -20,33 +63,92 @@ def _figure():
     return plt
 
 
-def pareto_png(records: Sequence[Record], *, objective: str, title: str = "") -> bytes:
-    """PNG of every evaluated config (b̄ vs objective, lower is better) with the Pareto front highlighted."""
+@contextlib.contextmanager
+def _new_figure(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(...)``; the figure is closed however the drawing ends."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig, axes = plt.subplots(*args, **kwargs)
     try:
+        yield fig, axes
+    finally:
+        plt.close(fig)
+
+
+def _png(fig: Any) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def is_constructed(record: Record) -> bool:
+    """Whether a journal record is a constructed configuration (``source`` ``"constructed"`` or ``"constructed:…"``)."""
+    return record.source == "constructed" or record.source.startswith("constructed:")
+
+
+# ------------------------------------------------------------------------------------------------ Pareto
+def pareto_png(
+    records: Sequence[Record], *, objective: str, title: str = "", constructions: Sequence[Any] = ()
+) -> bytes:
+    """PNG of every evaluated config (b̄ vs objective, lower is better) with the Pareto front highlighted.
+
+    Random configs are dots, other sources (``uniform``, …) squares, constructed configs (measured) stars. Their
+    predicted scores (``values["predicted_score"]`` of constructed records, plus ``constructions`` — objects with
+    ``avg_bits``, ``predicted`` and optionally ``options``/``label`` — not yet evaluated) are hollow diamonds on a
+    right-hand axis, inverted so that better is down on both axes.
+    """
+    with _new_figure(figsize=(6.4, 4.2), dpi=100) as (fig, ax):
         finite = [r for r in records if np.isfinite(r.primary)]
+        handles = []
         if finite:
-            ax.scatter([r.avg_bits for r in finite], [r.primary for r in finite], s=14, alpha=0.6,
-                       label=f"evaluated ({len(finite)})")
+            groups: dict[str, list[Record]] = defaultdict(list)
+            for r in finite:
+                groups["constructed" if is_constructed(r) else r.source].append(r)
+            styles = {"random": dict(marker="o", s=14, alpha=0.6),
+                      "constructed": dict(marker="*", s=90, alpha=0.95, color="tab:orange", zorder=4)}
+            for src in sorted(groups, key=lambda s: (s != "random", s == "constructed", s)):
+                rs = groups[src]
+                label = f"{'constructed, measured' if src == 'constructed' else src} ({len(rs)})"
+                if src == "random" and len(groups) == 1:
+                    label = f"evaluated ({len(rs)})"
+                handles.append(ax.scatter([r.avg_bits for r in rs], [r.primary for r in rs], label=label,
+                                          **styles.get(src, dict(marker="s", s=28, alpha=0.85, zorder=3))))
             front = pareto_front(finite)
-            ax.plot([r.avg_bits for r in front], [r.primary for r in front], "r.-", label="Pareto front")
+            handles += ax.plot([r.avg_bits for r in front], [r.primary for r in front], "r.-", label="Pareto front")
             if min(r.primary for r in finite) > 0:
                 ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "no configurations evaluated yet", ha="center", va="center", transform=ax.transAxes)
+        predicted = [(r.avg_bits, r.values[PREDICTED_KEY]) for r in records
+                     if is_constructed(r) and math.isfinite(r.values.get(PREDICTED_KEY, math.nan))]
+        done = {r.config_key for r in records}
+        for c in constructions:
+            opts = _get(c, "options")
+            if opts and config_key(opts) in done:
+                continue
+            bits, pred = _get(c, "avg_bits"), _get(c, "predicted")
+            if bits is not None and pred is not None and math.isfinite(pred):
+                predicted.append((float(bits), float(pred)))
+        if predicted:
+            ax2 = ax.twinx()
+            handles.append(ax2.scatter([p[0] for p in predicted], [p[1] for p in predicted], marker="D", s=30,
+                                       facecolors="none", edgecolors="tab:purple",
+                                       label=f"predicted score ({len(predicted)})"))
+            ax2.invert_yaxis()
+            ax2.set_ylabel("predicted score (higher is better, axis inverted)", color="tab:purple")
         ax.set_xlabel("average bits per weight b̄")
         ax.set_ylabel(f"{objective} (lower is better)")
         ax.set_title(title or "Qua²SeDiMo search")
         ax.grid(alpha=0.3)
-        if finite:
-            ax.legend(loc="upper right")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+        if handles:
+            ax.legend(handles=handles, loc="upper right", fontsize=8)
+        return _png(fig)
 
 
 def png_to_array(png: bytes) -> np.ndarray:
@@ -68,4 +170,393 @@ def status_text(records: Sequence[Record], *, objective: str, target: int | None
         secs = [r.timings.get("evaluate") for r in finite if r.timings.get("evaluate")]
         if secs:
             lines.append(f"{np.mean(secs):.2f} s per evaluation")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ insights
+def aggregate_insights(unit_scores: Iterable[Any]) -> dict[str, dict]:
+    """The insights dict of :func:`insight_figures` from unit scores (objects or mappings with ``unit``, ``level``,
+    ``op_type``, ``block_category``, ``block_index``, ``score``), as the paper's plots do (§4.3):
+
+    * ``"op_type"``: ``{op type: [scores]}`` — every variant of every **op-level** unit of that op type (the
+      block-level units' own ``op_type`` when no op-level scores are given);
+    * ``"block_category"``: ``{category: [scores]}`` — every variant of every **block-level** unit of the category
+      (op-level when no block-level scores are given);
+    * ``"block_index"``: ``{index: [scores]}`` — the same scores by block index (``int``, ``>= 0``); units outside
+      the repeated blocks (``block_index < 0``) are keyed by their block category (``str``, e.g. ``"t-embed"``).
+
+    Non-finite scores are dropped. Keys keep first-seen order; :func:`insight_figures` sorts block indices.
+    """
+    items = [s for s in unit_scores if math.isfinite(float(_get(s, "score")))]
+    levels = {_get(s, "level") for s in items}
+    op_src = [s for s in items if _get(s, "level") == "op"] if "op" in levels else items
+    blk_src = [s for s in items if _get(s, "level") == "block"] if "block" in levels else items
+    out: dict[str, dict] = {k: {} for k in INSIGHT_KEYS}
+    for s in op_src:
+        out["op_type"].setdefault(str(_get(s, "op_type")), []).append(float(_get(s, "score")))
+    for s in blk_src:
+        score, cat, idx = float(_get(s, "score")), str(_get(s, "block_category")), int(_get(s, "block_index"))
+        out["block_category"].setdefault(cat, []).append(score)
+        out["block_index"].setdefault(idx if idx >= 0 else cat, []).append(score)
+    return out
+
+
+def _index_order(key: Any) -> tuple:
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)
+    if isinstance(key, (int, np.integer)):
+        return (1, int(key), "")
+    return (0 if key in _INPUT_SIDE else 2, 0, str(key))
+
+
+def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, sort_keys: bool = False) -> bytes:
+    keys = [k for k in data if any(math.isfinite(float(v)) for v in data[k])]
+    if sort_keys:
+        keys.sort(key=_index_order)
+    series = [np.array([float(v) for v in data[k] if math.isfinite(float(v))]) for k in keys]
+    width = min(max(6.4, 0.32 * len(keys) + 1.8), 20.0)
+    with _new_figure(figsize=(width, 4.2), dpi=100) as (fig, ax):
+        if keys:
+            ax.boxplot(series, positions=np.arange(1, len(keys) + 1), widths=0.6, flierprops=dict(markersize=3))
+            ax.set_xticks(np.arange(1, len(keys) + 1))
+            ax.set_xticklabels([str(k) for k in keys], rotation=60 if len(keys) > 8 else 0,
+                               ha="right" if len(keys) > 8 else "center", fontsize=8)
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+            n = sum(len(s) for s in series)
+            ax.set_title(f"{title} ({n} variant scores)")
+        else:
+            ax.text(0.5, 0.5, "no unit scores", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("unit score (higher = better)")
+        ax.grid(alpha=0.3, axis="y")
+        return _png(fig)
+
+
+def insight_figures(insights: Mapping[str, Mapping[Any, Sequence[float]]]) -> dict[str, bytes]:
+    """Box plots of unit scores (paper §4.3): ``{"op_type": png, "block_category": png, "block_index": png}``.
+
+    ``insights`` is the dict described in :func:`aggregate_insights` (missing or empty groups give a figure that
+    says so). Block indices are drawn in order, global units before (t-embed, c-embed, patchify, conv-in) or after
+    (out-proj, conv-out, …) them; keys may be ints or their decimal strings (as after a JSON round trip).
+    """
+    insights = insights or {}
+    return {
+        "op_type": _box_png(insights.get("op_type") or {}, title="Sensitivity per op type", xlabel="op type"),
+        "block_category": _box_png(insights.get("block_category") or {}, title="Sensitivity per block category",
+                                   xlabel="block category"),
+        "block_index": _box_png(insights.get("block_index") or {}, title="Sensitivity per block index",
+                                xlabel="block index", sort_keys=True),
+    }
+
+
+_OPTION_COLORS = {"uaq-4": "#1f77b4", "kmeans_c-4": "#2ca02c", "kmeans_a-4": "#17becf", "uaq-3": "#ff7f0e",
+                  "kmeans_c-3": "#d62728", "kmeans_a-3": "#e377c2", FP_OPTION: "#7f7f7f"}
+
+
+def _bits(option: str) -> int:
+    parsed = parse_option(option)
+    return 16 if parsed is None else parsed[1]
+
+
+def _option_order(opt: str) -> tuple:
+    if opt in OPTIONS:
+        return (0, OPTIONS.index(opt), opt)
+    return (2, 0, opt) if opt == FP_OPTION else (1, 0, opt)
+
+
+def chosen_options_png(options_by_config: Mapping[str, Mapping[str, str]], op_types: Mapping[str, str],
+                       *, title: str = "", max_configs: int = 8) -> bytes:
+    """Stacked bars: per op type, the fraction of its layers given each option — one row per config (paper §4.3).
+
+    ``options_by_config``: ``{label: {layer: option}}`` (at most ``max_configs`` rows are drawn);
+    ``op_types``: ``{layer: op type}`` (layers not in it count as ``"other"``). Op types keep ``op_types`` order.
+    """
+    configs = list(options_by_config.items())[:max_configs]
+    order = list(dict.fromkeys(op_types.values()))
+    if any(n not in op_types for _, opts in configs for n in opts):
+        order.append("other")
+    present = [t for t in order if any(op_types.get(n, "other") == t for _, opts in configs for n in opts)]
+    all_opts = sorted({o for _, opts in configs for o in opts.values()}, key=_option_order)
+    rows = max(len(configs), 1)
+    width = min(max(6.4, 0.45 * len(present) + 2.5), 20.0)
+    with _new_figure(rows, 1, figsize=(width, 1.2 + 2.3 * rows), dpi=100, squeeze=False, sharex=True) as (fig, axes):
+        if not configs or not present:
+            axes[0, 0].text(0.5, 0.5, "no configurations", ha="center", va="center", transform=axes[0, 0].transAxes)
+        x = np.arange(len(present))
+        for (label, opts), ax in zip(configs, axes[:, 0], strict=False):
+            counts = {t: Counter() for t in present}
+            for n, o in opts.items():
+                counts[op_types.get(n, "other")][o] += 1
+            totals = np.array([max(sum(counts[t].values()), 1) for t in present], dtype=float)
+            bottom = np.zeros(len(present))
+            for o in all_opts:
+                frac = np.array([counts[t][o] for t in present]) / totals
+                ax.bar(x, frac, bottom=bottom, color=_OPTION_COLORS.get(o), label=o, width=0.75)
+                bottom += frac
+            low = sum(1 for o in opts.values() if _bits(o) <= 3)
+            sub = f" — {low}/{len(opts)} layers at ≤3 bits" if opts else ""
+            ax.set_title(f"{label}{sub}", fontsize=9)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("fraction")
+        if configs and present:
+            axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+            axes[-1, 0].set_xticks(x)
+            axes[-1, 0].set_xticklabels(present, rotation=60 if len(present) > 6 else 0,
+                                        ha="right" if len(present) > 6 else "center", fontsize=8)
+        if title:
+            fig.suptitle(title)
+        return _png(fig)
+
+
+# -------------------------------------------------------------------------------------------- report data
+def _plain(obj: Any) -> Any:
+    """Strict-JSON data: NaN/inf → None, numpy scalars → Python, tuples → lists, keys → str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset, np.ndarray)):
+        return [_plain(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def _stats(values: Sequence[float]) -> dict:
+    a = np.array([float(v) for v in values if math.isfinite(float(v))])
+    if not len(a):
+        return {"n": 0}
+    q = np.percentile(a, [0, 10, 25, 50, 75, 90, 100])
+    return {"n": int(len(a)), "min": q[0], "p10": q[1], "q1": q[2], "median": q[3], "q3": q[4], "p90": q[5],
+            "max": q[6], "spread": q[5] - q[1]}
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    for v in np.unique(a):  # average ties
+        m = a == v
+        ranks[m] = ranks[m].mean()
+    return ranks
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _unit_table(unit_scores: Iterable[Any]) -> list[dict]:
+    units: dict[str, dict] = {}
+    for s in unit_scores:
+        score = float(_get(s, "score"))
+        if not math.isfinite(score):
+            continue
+        name = str(_get(s, "unit"))
+        u = units.setdefault(name, {
+            "unit": name, "level": _get(s, "level"), "op_type": _get(s, "op_type"),
+            "block_category": _get(s, "block_category"), "block_index": _get(s, "block_index"),
+            "members": list(_get(s, "members") or ()), "variants": [], "scores": []})
+        u["variants"].append(list(_get(s, "variant") or ()))
+        u["scores"].append(score)
+    out = []
+    for u in units.values():
+        sc = np.array(u.pop("scores"))
+        variants = u.pop("variants")
+        b, w = int(np.argmax(sc)), int(np.argmin(sc))
+        out.append(dict(u, n_variants=len(sc), spread=float(sc[b] - sc[w]), median=float(np.median(sc)),
+                        best_variant=variants[b], best_score=float(sc[b]), worst_variant=variants[w],
+                        worst_score=float(sc[w])))
+    return out
+
+
+def _bits_by_op_type(units: list[dict], op_types: Mapping[str, str] | None) -> dict[str, dict]:
+    """Per op type, from each unit's best variant: layers at 3 bits, preferred method (paper-rule choices)."""
+    levels = {u["level"] for u in units}
+    use = [u for u in units if u["level"] == "op"] if "op" in levels else units
+    per: dict[str, Counter] = defaultdict(Counter)
+    for u in use:
+        for layer, opt in zip(u["members"], u["best_variant"], strict=False):
+            t = (op_types or {}).get(layer) or (u["op_type"] if len(u["members"]) == 1 or not op_types else "other")
+            per[str(t)][opt] += 1
+    out = {}
+    for t, cnt in per.items():
+        n = sum(cnt.values())
+        low = sum(c for o, c in cnt.items() if _bits(o) <= 3)
+        methods = Counter()
+        for o, c in cnt.items():
+            if (p := parse_option(o)) is not None:
+                methods[p[0]] += c
+        out[t] = {"layers": n, "frac_3bit": low / n if n else None,
+                  "method": methods.most_common(1)[0][0] if methods else None,
+                  "options": dict(cnt.most_common())}
+    return out
+
+
+def _record_summary(r: Record) -> dict:
+    return {"id": r.id, "source": r.source, "avg_bits": r.avg_bits, "nbytes": r.nbytes, "primary": r.primary}
+
+
+def report_json(
+    *,
+    unit_scores: Iterable[Any] = (),
+    insights: Mapping[str, Mapping[Any, Sequence[float]]] | None = None,
+    records: Sequence[Record] = (),
+    constructions: Sequence[Any] = (),
+    predictor_quality: Mapping[str, Mapping[str, float | None]] | None = None,
+    op_types: Mapping[str, str] | None = None,
+    objective: str = "objective",
+    top: int = 10,
+    tolerate_3bit: float = 0.75,
+) -> dict:
+    """The report as plain, strict-JSON data (``json.dumps(..., allow_nan=False)`` works; NaN → ``None``).
+
+    ``unit_scores``: unit score objects/mappings (see :func:`aggregate_insights`); ``insights``: that function's dict
+    (computed from ``unit_scores`` when not given); ``records``: journal records; ``constructions``:
+    ``construct.Construction`` objects (or mappings with ``label``, ``rule``, ``avg_bits``, ``predicted``, ``options``
+    …); ``predictor_quality``: rows → metric → value, e.g. ``{"hop 0": {"srcc": 0.8, "ndcg": 0.9}, "mean": {…}}``;
+    ``op_types``: layer → op type (for block-level units). Op types whose best variants are 3-bit for at least
+    ``tolerate_3bit`` of their layers are reported as tolerating 3 bits; at most ``1 − tolerate_3bit`` as 4-bit.
+    """
+    unit_scores = list(unit_scores)
+    units = _unit_table(unit_scores)
+    if insights is None:
+        insights = aggregate_insights(unit_scores)
+    by_level: dict[str, list[dict]] = defaultdict(list)
+    for u in units:
+        by_level[str(u["level"])].append(u)
+    sensitive = {lvl: {"most": sorted(us, key=lambda u: -u["spread"])[:top],
+                       "least": sorted(us, key=lambda u: u["spread"])[:top]} for lvl, us in by_level.items()}
+    categories = {key: {str(k): _stats(v) for k, v in (insights.get(key) or {}).items()} for key in INSIGHT_KEYS}
+    bits = _bits_by_op_type(units, op_types)
+
+    # constructions: predicted vs measured
+    by_key = {r.config_key: r for r in records}
+    built = []
+    for c in constructions:
+        meta = c.meta() if hasattr(c, "meta") else {k: v for k, v in dict(c).items() if k != "options"}
+        opts = _get(c, "options")
+        rec = by_key.get(config_key(opts)) if opts else None
+        built.append(dict(meta, measured=rec.primary if rec else None, record_id=rec.id if rec else None))
+    seen_ids = {b["record_id"] for b in built}
+    for r in records:
+        if is_constructed(r) and r.id not in seen_ids:
+            built.append({"rule": r.source.partition(":")[2] or None, "label": r.source,
+                          "target_bits": r.values.get("target_bits"), "avg_bits": r.avg_bits, "nbytes": r.nbytes,
+                          "predicted": r.values.get(PREDICTED_KEY), "measured": r.primary, "record_id": r.id})
+    pairs = [(b["predicted"], b["measured"]) for b in built
+             if b.get("predicted") is not None and b.get("measured") is not None
+             and math.isfinite(b["predicted"]) and math.isfinite(b["measured"])]
+    rho = _spearman([p for p, _ in pairs], [-m for _, m in pairs])
+
+    finite = [r for r in records if math.isfinite(r.primary)]
+    evaluated = {"n": len(records), "by_source": dict(Counter(r.source for r in records)),
+                 "best": _record_summary(min(finite, key=lambda r: r.primary)) if finite else None,
+                 "pareto": [_record_summary(r) for r in pareto_front(finite)]}
+
+    recs: list[str] = []
+    for t, b in sorted(bits.items(), key=lambda kv: -(kv[1]["frac_3bit"] or 0)):
+        f = b["frac_3bit"]
+        if f is None:
+            continue
+        if f >= tolerate_3bit:
+            recs.append(f"{t} tolerates 3 bits: its best variants are 3-bit for {f:.0%} of {b['layers']} layer(s) "
+                        f"(mostly {b['method']})")
+        elif f <= 1 - tolerate_3bit:
+            recs.append(f"keep {t} at 4 bits: only {f:.0%} of {b['layers']} layer(s) prefer 3 bits")
+    cat_stats = [(k, s) for k, s in categories["block_category"].items() if s.get("n", 0) >= 2]
+    if len(cat_stats) >= 2:
+        cat_stats.sort(key=lambda kv: -kv[1]["spread"])
+        recs.append(f"most sensitive block category: {cat_stats[0][0]} (score spread p90−p10 "
+                    f"{cat_stats[0][1]['spread']:.3g}); least: {cat_stats[-1][0]} ({cat_stats[-1][1]['spread']:.3g})")
+    for lvl, s in sensitive.items():
+        if s["most"]:
+            recs.append(f"most sensitive {lvl}-level unit: {s['most'][0]['unit']} (spread {s['most'][0]['spread']:.3g}"
+                        f", best {'/'.join(s['most'][0]['best_variant'])})")
+    if rho is not None:
+        if rho < 0.3:
+            recs.append(f"predicted and measured quality of the constructed configs disagree (Spearman {rho:.2f} over "
+                        f"{len(pairs)}): evaluate more random configs and retrain the predictor before trusting them")
+        else:
+            recs.append(f"predicted scores rank the constructed configs like the measurements (Spearman {rho:.2f} "
+                        f"over {len(pairs)})")
+    randoms = [r for r in finite if not is_constructed(r)]
+    for b in built:
+        if b.get("measured") is None or not math.isfinite(b["measured"]) or not randoms:
+            continue
+        cheaper = [r for r in randoms if r.avg_bits <= b["avg_bits"] + 1e-9]
+        if cheaper and b["measured"] < min(r.primary for r in cheaper):
+            recs.append(f"{b.get('label')}: b̄ {b['avg_bits']:.3f}, {objective} {b['measured']:.4g} beats every other "
+                        f"evaluated config at ≤ that b̄")
+
+    return _plain({
+        "format": REPORT_FORMAT, "version": REPORT_VERSION, "objective": objective,
+        "units": {lvl: len(us) for lvl, us in by_level.items()},
+        "sensitive_units": sensitive,
+        "categories": categories,
+        "bits_by_op_type": bits,
+        "predictor_quality": predictor_quality or {},
+        "constructions": built,
+        "predicted_vs_measured": {"n": len(pairs), "spearman": rho},
+        "evaluated": evaluated,
+        "recommendations": recs,
+    })
+
+
+def report_dumps(report: Mapping) -> str:
+    """Strict JSON text of a report (``ValueError`` on NaN/inf, which :func:`report_json` never leaves)."""
+    return json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def report_text(report: Mapping) -> str:
+    """Human-readable summary of :func:`report_json` data: sensitive units, predictor quality, constructions,
+    recommendations."""
+    lines: list[str] = []
+    units = report.get("units") or {}
+    lines.append("units: " + (", ".join(f"{n} {lvl}-level" for lvl, n in units.items()) or "no unit scores"))
+    for lvl, s in (report.get("sensitive_units") or {}).items():
+        for which, title in (("most", "most sensitive"), ("least", "least sensitive")):
+            rows = s.get(which) or []
+            if rows:
+                lines.append(f"{title} {lvl}-level units (score spread; best variant):")
+                lines += [f"  {u['unit']}: {_fmt(u['spread'])}; {'/'.join(u['best_variant'])}" for u in rows]
+    pq = report.get("predictor_quality") or {}
+    if pq:
+        cols = list(dict.fromkeys(k for row in pq.values() for k in row))
+        lines.append("predictor quality: " + " | ".join(["", *cols]))
+        lines += [f"  {name}: " + " | ".join(_fmt(row.get(c)) for c in cols) for name, row in pq.items()]
+    built = report.get("constructions") or []
+    if built:
+        lines.append(f"constructed configs (predicted score → measured {report.get('objective', 'objective')}):")
+        lines += [f"  {b.get('label')}: b̄ {_fmt(b.get('avg_bits'))}, predicted {_fmt(b.get('predicted'))}, "
+                  f"measured {_fmt(b.get('measured'))}" for b in built]
+        pvm = report.get("predicted_vs_measured") or {}
+        if pvm.get("spearman") is not None:
+            lines.append(f"  Spearman(predicted, −measured) = {pvm['spearman']:.3f} over {pvm['n']}")
+    ev = report.get("evaluated") or {}
+    if ev.get("best"):
+        b = ev["best"]
+        lines.append(f"best evaluated: {report.get('objective')} {_fmt(b['primary'])} at b̄ {_fmt(b['avg_bits'])} "
+                     f"({b['source']}, #{b['id']}); {ev['n']} evaluated")
+    recs = report.get("recommendations") or []
+    if recs:
+        lines.append("recommendations:")
+        lines += [f"  - {r}" for r in recs]
     return "\n".join(lines)

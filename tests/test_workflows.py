@@ -10,7 +10,8 @@ import re
 import pytest
 import workflow_api as wa
 
-STEMS = ["qua2sedimo-uniform-w4-sample", "qua2sedimo-mixed-config-save-quantized", "qua2sedimo-load-quantized-sample"]
+STEMS = ["qua2sedimo-uniform-w4-sample", "qua2sedimo-mixed-config-save-quantized", "qua2sedimo-load-quantized-sample",
+         "qua2sedimo-search-status"]
 
 
 def _texts(entry: dict) -> list[str]:

@@ -81,7 +81,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 
 def to_testbed(api: dict, *, unet: str, arch: str, latent_px: int, steps: int = 2,
-               quantized_file: str | None = None) -> dict:
+               quantized_file: str | None = None, search_configs: int = 4) -> dict:
     """Swap checkpoint/text-encoder/VAE nodes for the tiny test model, random conditioning and TAESD."""
     out = copy.deepcopy(api)
     vae_of: dict[str, list] = {}
@@ -102,6 +102,9 @@ def to_testbed(api: dict, *, unet: str, arch: str, latent_px: int, steps: int = 
             inp["steps"] = steps
         elif ct == "Qua2SeDiMoLoadQuantized" and quantized_file is not None:
             inp["file"] = quantized_file
+        elif ct == "Qua2SeDiMoSearch":  # a small search: a few configs, few states, short trajectories
+            inp.update(configs=search_configs, steps=steps, width=latent_px * 8, height=latent_px * 8, n_states=2,
+                       n_seeds=1)
     seed = 1
     for node in out.values():
         if node["class_type"] == "CLIPTextEncode":

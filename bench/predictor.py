@@ -1,0 +1,134 @@
+"""Predictor quality on a real journal: the tiny PixArt-Σ (ComfyUI in-process, CPU), denoise_error.
+
+(a) loads the tiny model through the in-process ComfyUI host, traces its layer graph and fills a journal with
+``--configs`` random configs (about 1 s each on CPU; cached under ``bench-output/predictor/``, so reruns reuse it),
+(b) trains the GNN ensemble and the ridge baseline on the same folds and prints held-out Spearman / Kendall τ side
+by side with timings, (c) scores op-level and block-level units and prints the insights.
+
+Run: ``set -a && . .venv/.qua2sedimo-host.env && set +a && .venv/bin/python bench/predictor.py --configs 200``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # comfy_host, tiny_models
+
+SPEC = dict(n_seeds=1, n_states=4, steps=4, width=384, height=384)  # the host tests' small denoise_error spec
+
+
+def load_tiny(out: Path, n_configs: int, model: str = "pixart_sigma_d1", log=print):
+    """(graph, option table, journal records, seconds spent evaluating) for the tiny model."""
+    import comfy_host
+    import tiny_models as tm
+
+    base = out / "comfy_base"
+    comfy_host.setup_inprocess(base)
+    files = tm.ensure_models(base / "models", (model,))
+    import comfy.sd
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.quant import option_table
+    from qua2sedimo.search.graph import trace_graph
+    from qua2sedimo.search.journal import Journal
+
+    bridge.register_folders()
+    arch = tm.SPECS[model].arch
+    mp = comfy.sd.load_diffusion_model(str(files[f"diffusion_models/{model}.safetensors"]))
+    pos, neg = tm.conditioning_for(arch, seed=1), tm.conditioning_for(arch, seed=2)
+    spec = jobs.SearchSpec(**SPEC)
+    t0 = time.perf_counter()
+    ctx = jobs.prepare(mp, pos, neg, spec)
+    log(f"prepare (option table, FP states): {time.perf_counter() - t0:.1f} s")
+    path = out / f"journal-{model}.sqlite"
+    with Journal.open(path, **ctx.journal_kwargs) as j:
+        have = len(j)
+    t0 = time.perf_counter()
+    if have < n_configs:
+        log(f"evaluating {n_configs - have} configs into {path} …")
+        jobs.run_job(ctx, path, max_configs=n_configs, max_seconds=None, job=jobs.SearchJob("bench"))
+    eval_s = time.perf_counter() - t0
+    kw = {k: v for k, v in ctx.journal_kwargs.items() if k != "layer_names"}
+    with Journal.open(path, readonly=True, **kw) as j:
+        records = [r for r in j.records() if r.idx is not None and r.idx < n_configs]
+    dm = bridge.diffusion_model(mp)
+    table = option_table(dm, spec.options, cache_dir=bridge.cache_dir())
+    side = 40  # PixArt's position embedding needs (H + W) / 2 > 32
+    x = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    cond, extras = pos[0]
+    conds = {k: v.cond for k, v in mp.model.extra_conds(cross_attn=cond, noise=x, device="cpu", **extras).items()}
+    context = conds.pop("c_crossattn")
+    graph = trace_graph(dm, lambda: mp.model.apply_model(x, torch.tensor([1.0]), c_crossattn=context, **conds))
+    return graph, table, records, eval_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", type=int, default=200)
+    ap.add_argument("--model", default="pixart_sigma_d1")
+    ap.add_argument("--out", default=str(ROOT / "bench-output" / "predictor"))
+    ap.add_argument("--collect-only", action="store_true", help="only fill the journal")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--ranking", default="spearman", choices=["spearman", "lambdarank", "none"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    graph, table, records, eval_s = load_tiny(out, a.configs, a.model)
+    n_layer = len(graph.layers)
+    print(f"{a.model}: {n_layer} layers, {len(graph.nodes)} nodes, {len(graph.edges)} edges; "
+          f"{len(records)} configs (evaluated now: {eval_s:.0f} s)")
+    if a.collect_only:
+        return
+
+    from qua2sedimo.search.predictor import FeatureBuilder, compare, train_baseline, train_predictor
+    from qua2sedimo.search.scores import insights, unit_scores
+
+    timings = {}
+    t0 = time.perf_counter()
+    features = FeatureBuilder.from_table(graph, table)
+    kw = {} if a.epochs is None else {"epochs": a.epochs}
+    ens = train_predictor(graph, features, records, seed=a.seed, ranking=None if a.ranking == "none" else a.ranking,
+                          **kw)
+    timings["gnn train (5 folds)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ridge = train_baseline(features, records, seed=a.seed)
+    timings["ridge train (5 folds)"] = time.perf_counter() - t0
+    print()
+    print(compare(ens, ridge)["text"])
+    t0 = time.perf_counter()
+    ens.predict([r.options for r in records])
+    timings[f"gnn predict ({len(records)} configs)"] = time.perf_counter() - t0
+    scores = {}
+    for level in ("op", "block"):
+        t0 = time.perf_counter()
+        scores[level] = unit_scores(ens, level=level)
+        timings[f"scores {level} ({len(scores[level])} variants)"] = time.perf_counter() - t0
+    ens.save(out / "predictor.safetensors")
+    print("\ntimings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}))
+    print(f"total predictor + scores: {sum(timings.values()):.1f} s (target ≤ 120 s)")
+    for level, sc in scores.items():
+        ins = insights(sc)
+        print(f"\n== {level}-level insights ({len(sc)} variants; sampled units: {ins['sampled_units'] or 'none'})")
+        for key in ("op_type", "block_category", "block_index"):
+            print(f"  by {key}:")
+            for name, s in sorted(ins[key].items(), key=lambda kv: -kv[1]["median"]):
+                print(f"    {str(name):16s} n={s['n']:5d} median={s['median']:+.3f} "
+                      f"q1={s['q1']:+.3f} q3={s['q3']:+.3f} min={s['min']:+.3f} max={s['max']:+.3f}")
+        print("  best variant per unit:")
+        for unit, b in ins["best"].items():
+            print(f"    {unit:40s} {'/'.join(b['variant'])}  score={b['score']:+.3f} bits={b['bits']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""``python -m qua2sedimo search …``: the search on a headless machine, on top of a ComfyUI install.
+
+Same preparation, journal and results as the Search node (``nodes/search_jobs.py``); progress on stderr, a
+JSON summary on stdout. Interrupt with Ctrl-C (or kill it): everything journaled stays, and running the same
+command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..search.sampling import option_set
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m qua2sedimo", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="evaluate random mixed 3/4-bit configs of a model into a journal",
+                       description="Evaluate random mixed-precision configs of a denoiser against its full-precision "
+                       "outputs and journal every result (SQLite). Re-running the same command resumes.")
+    s.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR"),
+                   help="the ComfyUI folder (default: $COMFY_DIR)")
+    s.add_argument("--base-directory", help="ComfyUI --base-directory (models/, output/); default: the ComfyUI folder")
+    s.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI --cpu)")
+    s.add_argument("--model", required=True, help="diffusion model file (path, or a name in models/diffusion_models)")
+    s.add_argument("--checkpoint", action="store_true", help="--model is a full checkpoint with its text encoder")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="positive prompt (needs --checkpoint)")
+    g.add_argument("--conditioning", help="safetensors with 'positive' and 'negative' tensors [batch, tokens, dim] "
+                   "(optional '<name>.pooled_output')")
+    s.add_argument("--negative", default="", help="negative prompt (with --prompt)")
+    s.add_argument("--objective", choices=["denoise_error", "image"], default="denoise_error")
+    s.add_argument("--configs", type=int, default=100, help="configs the journal run should hold (default 100)")
+    s.add_argument("--minutes", type=float, default=0, help="time budget of this session (0 = none)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--journal", required=True, help="journal file (SQLite); created if missing, resumed otherwise")
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=512)
+    s.add_argument("--n-states", type=int, default=8)
+    s.add_argument("--n-seeds", type=int, default=2)
+    s.add_argument("--cfg", type=float, default=4.0)
+    s.add_argument("--export-jsonl", help="also write the run as JSONL here when done")
+    return ap
+
+
+def _setup_comfy(comfy_dir: str | None, base: str | None, cpu: bool) -> None:
+    if not comfy_dir or not (Path(comfy_dir) / "comfy" / "sd.py").exists():
+        raise SystemExit("--comfy-dir (or $COMFY_DIR) must point at a ComfyUI folder (the one with main.py)")
+    sys.path.insert(0, str(Path(comfy_dir).resolve()))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    if base:
+        comfy.cli_args.args.base_directory = str(Path(base).resolve())
+    import folder_paths  # noqa: F401  (reads the base directory)
+
+
+def _conditioning(path: Path) -> tuple[list, list]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    out = []
+    for name in ("positive", "negative"):
+        if name not in tensors:
+            raise SystemExit(f"{path}: no {name!r} tensor (expected 'positive' and 'negative' [batch, tokens, dim])")
+        extra = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        out.append([[tensors[name], extra]])
+    return out[0], out[1]
+
+
+def search_main(args: argparse.Namespace) -> dict:
+    if args.configs < 1:
+        raise SystemExit(f"--configs must be at least 1, got {args.configs}: a budget of zero evaluates nothing")
+    if args.minutes < 0:
+        raise SystemExit(f"--minutes must be ≥ 0 (0 = no time budget), got {args.minutes}")
+    _setup_comfy(args.comfy_dir, args.base_directory, args.cpu)
+    import folder_paths
+
+    from . import comfy_bridge as bridge
+    from . import search_jobs as jobs
+
+    bridge.register_folders()
+    path = Path(args.model)
+    if not path.exists():
+        path = Path(folder_paths.get_full_path_or_raise("diffusion_models", args.model))
+    if args.prompt is not None and not args.checkpoint:
+        raise SystemExit("--prompt needs --checkpoint (a model file with its text encoder); or use --conditioning")
+    model, clip = bridge.load_model_file(path, with_clip=args.checkpoint)
+    if args.prompt is not None:
+        pos, neg = bridge.encode_prompt(clip, args.prompt), bridge.encode_prompt(clip, args.negative)
+    else:
+        pos, neg = _conditioning(Path(args.conditioning))
+    spec = jobs.SearchSpec(objective=args.objective, seed=args.seed, n_seeds=args.n_seeds, n_states=args.n_states,
+                           steps=args.steps, cfg=args.cfg, width=args.width, height=args.height, options=option_set())
+
+    def progress(done: int, total: int, label: str = "") -> None:
+        print(f"option table {done}/{total} {label}", file=sys.stderr, flush=True)
+
+    ctx = jobs.prepare(model, pos, neg, spec, progress=progress)
+    job = jobs.SearchJob("cli")
+    signal.signal(signal.SIGTERM, lambda *_: job.stop())
+    journal = Path(args.journal).resolve()
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        res = jobs.run_job(ctx, journal, max_configs=args.configs, max_seconds=args.minutes * 60 or None, job=job,
+                           on_progress=lambda p: print(p.text(), file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: everything evaluated so far is in the journal; run again to resume") from None
+    summary = {"status": res.status, "done": res.done, "new": res.new, "seconds": round(res.seconds, 2),
+               "journal": str(journal), "objective": ctx.primary,
+               "best": {"value": res.best.primary, "avg_bits": res.best.avg_bits, "idx": res.best.idx}
+               if res.best else None,
+               "timings": {k: round(v, 3) for k, v in res.timings.items()}}
+    if args.export_jsonl:
+        from ..search.journal import Journal
+
+        kw = {k: v for k, v in ctx.journal_kwargs.items() if k != "layer_names"}
+        with Journal.open(journal, readonly=True, **kw) as j:
+            summary["jsonl"] = str(j.export_jsonl(args.export_jsonl))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "search":
+        print(json.dumps(search_main(args), indent=2))
+    return 0

@@ -1,0 +1,22 @@
+"""The node list (V3 schema), loaded by the pack's ``comfy_entrypoint``."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .comfy_bridge import register_folders
+from .config_nodes import LoadConfig, RulesConfig, SaveConfig, UniformConfig
+from .model_nodes import ApplyConfig, LoadQuantized, SaveQuantized
+from .search_nodes import Search, SearchStatus
+
+NODES: list[type[io.ComfyNode]] = [
+    UniformConfig, RulesConfig, LoadConfig, SaveConfig, ApplyConfig, SaveQuantized, LoadQuantized, Search,
+    SearchStatus,
+]
+
+
+class Qua2SeDiMoExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folders()
+        return NODES

@@ -1,0 +1,155 @@
+"""Unit scores (paper §4.2) and their aggregation into insights (§4.3).
+
+A unit variant ``g`` (the unit's layers set to one option each) is scored per fold predictor ``f`` from the L1 norm
+of its output node's embedding at the unit's hop depth ``m = min(hop, layers)``:
+
+    S(g) = Σ_f ρ_f^m · (‖h_f^m(v_out)‖₁ − μ_f^m) / σ_f^m
+
+with ``ρ_f^m`` the fold's held-out Spearman of the hop-m graph embedding norm and ``μ_f^m, σ_f^m`` the moments of
+``‖h_v^m‖₁`` over the hop-m pooled nodes of its training graphs. As in the paper, ``h^m(v_out)`` is computed on the
+unit **in isolation**: the subgraph induced by the unit's nodes (its layers and the combine nodes between them) with
+the variant's features; nothing outside the unit enters (our traced units may have upstream neighbours outside the
+unit within m hops, e.g. the residual stream into an ``add``; the isolated evaluation ignores them by design, so a
+score depends on the unit's own choices only). ``context=`` evaluates in the whole graph instead, the other layers
+set to that config. Positive scores mean a better objective than the typical configuration.
+
+Op-level units are single layers (hop 0); block-level units enumerate every option combination of their layers
+(``len(options)^k``). Units with more than ``max_variants`` combinations are *sampled* (seeded; the uniform variants
+always included), marked ``sampled=True`` and listed in :func:`insights` under ``sampled_units``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .graph import LayerGraph, Unit
+from .predictor import PredictorEnsemble
+
+__all__ = ["UnitScore", "insights", "unit_scores", "unit_variants"]
+
+
+@dataclass(frozen=True)
+class UnitScore:
+    """The score of one variant of one unit."""
+
+    unit: str
+    level: str  # "op" | "block"
+    op_type: str  # the layer's op type (op level); the output node's op type or combine op (block level)
+    block_category: str
+    block_index: int
+    layers: tuple[str, ...]
+    variant: tuple[str, ...]  # one option per layer of ``layers``
+    score: float
+    bits: float  # average bits of the variant over the unit's layers
+    nbytes: int  # bytes of the unit's layers under the variant
+    hop: int  # hop depth used (min(unit hop, predictor layers))
+    sampled: bool = False  # the unit's variants were sampled, not enumerated
+    n_variants: int = 0  # all variants of the unit (len(options) ** len(layers))
+
+    def to_json(self) -> dict:
+        return {"unit": self.unit, "level": self.level, "op_type": self.op_type,
+                "block_category": self.block_category, "block_index": self.block_index, "layers": list(self.layers),
+                "variant": list(self.variant), "score": self.score, "bits": self.bits, "nbytes": self.nbytes,
+                "hop": self.hop, "sampled": self.sampled, "n_variants": self.n_variants}
+
+
+def unit_variants(k: int, n_options: int, max_variants: int, seed: int | Sequence[int] = 0) -> tuple[np.ndarray, bool]:
+    """Option-index combinations ``[V, k]``: all ``n_options^k`` in lexicographic order if ≤ ``max_variants``,
+    else ``max_variants`` distinct ones drawn with ``seed`` (the ``n_options`` uniform ones first). Returns
+    (variants, sampled)."""
+    total = n_options ** k
+    if total <= max_variants:
+        return np.array(list(itertools.product(range(n_options), repeat=k)), dtype=np.int64).reshape(total, k), False
+    rng = np.random.default_rng(seed)
+    chosen: dict[tuple[int, ...], None] = {(o,) * k: None for o in range(min(n_options, max_variants))}
+    while len(chosen) < max_variants:
+        for row in rng.integers(0, n_options, size=(max_variants, k)):
+            chosen.setdefault(tuple(int(v) for v in row), None)
+            if len(chosen) >= max_variants:
+                break
+    return np.array(list(chosen), dtype=np.int64), True
+
+
+def _op_type(graph: LayerGraph, unit: Unit) -> str:
+    if unit.level == "op":
+        return graph.layer(unit.members[0]).op_type
+    return graph.nodes[graph.index(unit.output_node)].op
+
+
+def unit_scores(ensemble: PredictorEnsemble, graph: LayerGraph | None = None, level: str = "block",
+                options: Sequence[str] | None = None, max_variants: int = 7776, seed: int = 0,
+                context: Mapping[str, str] | None = None) -> list[UnitScore]:
+    """Score every variant of every unit of ``level`` (see the module docstring), units in layer order and
+    variants in enumeration order. ``options`` defaults to the predictor's quantized options."""
+    graph = ensemble.graph if graph is None else graph
+    if graph is not ensemble.graph and graph.fingerprint != ensemble.graph.fingerprint:
+        raise ValueError("the graph is not the one the predictor was trained on")
+    graph = ensemble.graph  # node indices of the predictor's own graph
+    fb = ensemble.features
+    options = list(fb.quant_options if options is None else options)
+    opt_idx = torch.tensor([fb.option_index(o) for o in options])
+    if not options:
+        raise ValueError("no options to score")
+    rho = ensemble.rho  # [F, hops + 1]
+    mu = np.stack([f.mu for f in ensemble.folds])
+    sigma = np.stack([f.sigma for f in ensemble.folds])
+    out: list[UnitScore] = []
+    for u_i, unit in enumerate(graph.units(level)):
+        k = len(unit.members)
+        hop = min(unit.hop, ensemble.hops)
+        var, sampled = unit_variants(k, len(options), max_variants, (seed, u_i))
+        idx = opt_idx[torch.from_numpy(var)]
+        if context is None:
+            norms = ensemble.subgraph_norms(unit.nodes, unit.output_node, hop, unit.members, idx)
+        else:
+            norms = ensemble.context_norms(unit.output_node, hop, unit.members, idx, context)
+        score = (rho[:, hop, None] * (norms - mu[:, hop, None]) / sigma[:, hop, None]).sum(0)
+        layers = [fb.layer_index(n) for n in unit.members]
+        nbytes, numel = fb.config_bytes(idx, layers)
+        op_type = _op_type(graph, unit)
+        for v in range(len(var)):
+            out.append(UnitScore(unit.name, level, op_type, unit.category, unit.block_index, tuple(unit.members),
+                                 tuple(options[j] for j in var[v]), float(score[v]),
+                                 8.0 * float(nbytes[v]) / numel, int(nbytes[v]), hop, sampled,
+                                 len(options) ** k))
+    return out
+
+
+def _stats(values: Iterable[float]) -> dict:
+    a = np.asarray(list(values), dtype=np.float64)
+    q1, med, q3 = (float(x) for x in np.quantile(a, [0.25, 0.5, 0.75]))
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "median": med, "q1": q1, "q3": q3,
+            "min": float(a.min()), "max": float(a.max()), "scores": a.tolist()}
+
+
+def insights(scores: Sequence[UnitScore]) -> dict:
+    """Score distributions for box plots: ``{"op_type" | "block_category" | "block_index": {key: stats}}`` with
+    stats ``n, mean, std, median, q1, q3, min, max, scores`` (all variants of all units in the group), plus
+    ``best`` (top variant per unit: variant, score, bits, layers), ``levels``, ``n_variants`` and
+    ``sampled_units`` (units whose variants were sampled)."""
+    groups: dict[str, dict] = {"op_type": defaultdict(list), "block_category": defaultdict(list),
+                               "block_index": defaultdict(list)}
+    best: dict[str, UnitScore] = {}
+    sampled: dict[str, None] = {}
+    for s in scores:
+        groups["op_type"][s.op_type].append(s.score)
+        groups["block_category"][s.block_category].append(s.score)
+        groups["block_index"][s.block_index].append(s.score)
+        if s.unit not in best or s.score > best[s.unit].score:
+            best[s.unit] = s
+        if s.sampled:
+            sampled[s.unit] = None
+    out: dict = {key: {name: _stats(vals) for name, vals in sorted(g.items(), key=lambda kv: str(kv[0]))}
+                 for key, g in groups.items()}
+    out["best"] = {u: {"variant": list(s.variant), "score": s.score, "bits": s.bits, "layers": list(s.layers)}
+                   for u, s in best.items()}
+    out["levels"] = sorted({s.level for s in scores})
+    out["n_variants"] = len(scores)
+    out["sampled_units"] = list(sampled)
+    return out

@@ -1,0 +1,78 @@
+"""The Search workflow over HTTP on the real server: a background search re-attached until done with its
+status and Pareto plot; Cancel (``/interrupt``) of a search in 'wait' mode keeps every finished config."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+import workflow_api as wa
+
+STEM = "qua2sedimo-search-status"
+
+
+def _graph(**search_inputs) -> dict:
+    graph = wa.to_testbed(wa.twin(STEM), **wa.TWIN_MODEL)
+    node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
+    node["inputs"].update(search_inputs)
+    return graph
+
+
+def _texts(entry: dict) -> list[str]:
+    return [t for out in (entry.get("outputs") or {}).values() for t in out.get("text", [])]
+
+
+def _rows(path) -> int:
+    if not path.exists():
+        return 0
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT count(*) FROM evals").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+@pytest.mark.comfy_server
+def test_background_search_reattaches_until_done(comfy_server):
+    graph = _graph(journal="http-background", configs=4)
+    t0 = time.monotonic()
+    entry = comfy_server.run(graph, timeout=600)  # returns while the job runs (or already done)
+    first = time.monotonic() - t0
+    while True:
+        status = [t for t in _texts(entry) if "configs evaluated" in t]
+        if len(status) == 2 and all(t.startswith("done: 4/4") for t in status):  # Search and Status nodes
+            break
+        assert time.monotonic() - t0 < 600, status
+        time.sleep(2)
+        entry = comfy_server.run(graph, timeout=600)  # the same node again: re-attaches, no second job
+    assert "Pareto front" in status[-1]
+    (png,) = comfy_server.saved_images(entry)
+    assert png.stat().st_size > 1000
+    assert _rows(comfy_server.base / "models" / "qua2sedimo" / "journals" / "http-background.sqlite") == 4
+    assert first < 600
+
+
+@pytest.mark.comfy_server
+def test_cancel_keeps_finished_configs_and_resumes(comfy_server):
+    from comfy_host import ComfyServerError
+
+    journal = comfy_server.base / "models" / "qua2sedimo" / "journals" / "http-cancel.sqlite"
+    pid = comfy_server.post_prompt(_graph(journal="http-cancel", configs=1000, mode="wait"))
+    t0 = time.monotonic()
+    while _rows(journal) < 2:
+        assert time.monotonic() - t0 < 600, "the search did not start"
+        time.sleep(0.5)
+    comfy_server.post("/interrupt", {})
+    t_cancel = time.monotonic()
+    with pytest.raises(ComfyServerError, match="interrupted"):
+        comfy_server.wait(pid, timeout=300)
+    assert time.monotonic() - t_cancel < 60, "Cancel must stop the search within seconds (one evaluation)"
+    kept = _rows(journal)
+    assert kept >= 2
+    entry = comfy_server.run(_graph(journal="http-cancel", configs=kept + 1, mode="wait"), timeout=600)
+    status = [t for t in _texts(entry) if "configs evaluated" in t]
+    assert status[-1].startswith(f"done: {kept + 1}/{kept + 1}"), status
+    assert _rows(journal) == kept + 1
