@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent
 TESTS = REPO / "tests"
 DEMO_MODEL = "pixart_sigma_d1"
 STEMS = {"uniform": "qua2sedimo-uniform-w4-sample", "mixed": "qua2sedimo-mixed-config-save-quantized",
-         "load": "qua2sedimo-load-quantized-sample"}
+         "load": "qua2sedimo-load-quantized-sample", "search": "qua2sedimo-search-status"}
+SEARCH_CONFIGS = 12
 
 
 def _helpers():
@@ -91,7 +92,38 @@ def run_workflows(server, out: Path) -> dict:
     info = json.loads(next(t for t in _ui(entry, "text") if t.startswith("{")))
     results["load_quantized"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-from-quantized.png",
                                  "avg_bits": info["avg_bits"], "model_class": info["model"]}
+    results["search"] = run_search(server, out, model)
     return results
+
+
+def run_search(server, out: Path, model: dict) -> dict:
+    """The search workflow in 'wait' mode (small budget); its journal is copied to ``out/journal.sqlite``."""
+    import sqlite3
+
+    _, _, wa = _helpers()
+    graph = wa.to_testbed(wa.twin(STEMS["search"]), **model, search_configs=SEARCH_CONFIGS)
+    node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
+    node["inputs"].update(mode="wait", journal="demo", n_states=8, n_seeds=2, steps=10)
+    t0 = time.perf_counter()
+    entry = server.run(graph, timeout=900)
+    seconds = time.perf_counter() - t0
+    (png,) = server.saved_images(entry)
+    shutil.copyfile(png, out / "search-pareto.png")
+    src = sqlite3.connect(f"file:{server.base / 'models' / 'qua2sedimo' / 'journals' / 'demo.sqlite'}?mode=ro",
+                          uri=True)
+    dst_path = out / "journal.sqlite"
+    dst_path.unlink(missing_ok=True)
+    dst = sqlite3.connect(dst_path)
+    try:
+        src.backup(dst)  # a consistent copy, WAL included
+        rows = dst.execute("SELECT primary_value, avg_bits FROM evals ORDER BY primary_value").fetchall()
+    finally:
+        src.close()
+        dst.close()
+    status = [t for t in _ui(entry, "text") if "configs evaluated" in t][-1]
+    return {"seconds": round(seconds, 2), "evaluated": len(rows), "objective": "denoise_error",
+            "best": {"denoise_error": rows[0][0], "avg_bits": rows[0][1]} if rows else None,
+            "journal": "journal.sqlite", "pareto_plot": "search-pareto.png", "status": status}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,7 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{workflows['uniform_w4']['seconds']:.1f} s → sample-uniform-w4.png")
     print(f"  mixed 3/4-bit: b̄ = {m['avg_bits']:.3f} ({', '.join(f'{k}: {v}' for k, v in m['counts'].items())}); "
           f"file {dense_bytes / 2**20:.1f} MiB → {m['file_bytes'] / 2**20:.1f} MiB → model-mixed.q.safetensors")
-    print(f"  load quantized → sample-from-quantized.png; total {summary['seconds']['total']:.0f} s")
+    print("  load quantized → sample-from-quantized.png")
+    sr = workflows["search"]
+    print(f"  search: {sr['evaluated']} configs in {sr['seconds']:.0f} s, best denoise_error "
+          f"{sr['best']['denoise_error']:.4g} at b̄ {sr['best']['avg_bits']:.3f} → journal.sqlite, search-pareto.png")
+    print(f"  total {summary['seconds']['total']:.0f} s")
     return summary
 
 

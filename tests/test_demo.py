@@ -25,3 +25,6 @@ def test_demo_writes_every_output(tmp_path, tiny_models):
     assert json.loads((tmp_path / "config-mixed.json").read_text())["format"] == "qua2sedimo.config"
     assert summary["quantized_file_bytes"] < 0.4 * summary["dense_file_bytes"]
     assert 3.0 < summary["workflows"]["mixed"]["avg_bits"] < 4.0
+    search = summary["workflows"]["search"]
+    assert search["evaluated"] == 12 and (tmp_path / "journal.sqlite").stat().st_size > 0
+    assert Image.open(tmp_path / "search-pareto.png").size[0] > 100
