@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # comfy_host, tiny_models
@@ -79,9 +80,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--ranking", default="spearman", choices=["spearman", "lambdarank", "none"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the predictor (1 is fastest here)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     graph, table, records, eval_s = load_tiny(out, a.configs, a.model)
@@ -99,7 +99,7 @@ def main() -> None:
     features = FeatureBuilder.from_table(graph, table)
     kw = {} if a.epochs is None else {"epochs": a.epochs}
     ens = train_predictor(graph, features, records, seed=a.seed, ranking=None if a.ranking == "none" else a.ranking,
-                          **kw)
+                          threads=a.threads, log=lambda s: print("  " + s), **kw)
     timings["gnn train (5 folds)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ridge = train_baseline(features, records, seed=a.seed)
@@ -115,6 +115,18 @@ def main() -> None:
         scores[level] = unit_scores(ens, level=level)
         timings[f"scores {level} ({len(scores[level])} variants)"] = time.perf_counter() - t0
     ens.save(out / "predictor.safetensors")
+    # cross-check: how much each layer's choice matters, GNN op-level score spread vs the ridge's effect spread
+    eff = ridge.effects()
+    units = {}
+    for sc in scores["op"]:
+        units.setdefault(sc.unit, []).append(sc.score)
+    names = list(units)
+    gnn_spread = [max(units[n]) - min(units[n]) for n in names]
+    ridge_spread = [max(eff[n][o] for o in features.quant_options) - min(eff[n][o] for o in features.quant_options)
+                    for n in names]
+    rho = stats.spearmanr(gnn_spread, ridge_spread).statistic
+    print(f"\nper-layer sensitivity, GNN op-score spread vs ridge effect spread: Spearman {rho:+.3f} "
+          f"over {len(names)} layers")
     print("\ntimings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}))
     print(f"total predictor + scores: {sum(timings.values()):.1f} s (target ≤ 120 s)")
     for level, sc in scores.items():

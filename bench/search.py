@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=10)
     ap.add_argument("--out", type=Path, default=REPO / "bench-output" / "search")
     ap.add_argument("--keep-cache", action="store_true", help="reuse the option table (skip its timing)")
+    ap.add_argument("--size", type=int, default=384, help="image side in pixels (PixArt needs ≥ 264)")
     args = ap.parse_args()
 
     import comfy_host
@@ -51,7 +52,7 @@ def main() -> None:
     cache = bridge.cache_dir()
     if not args.keep_cache and cache.exists():
         shutil.rmtree(cache)
-    spec = jobs.SearchSpec(n_seeds=2, n_states=8, steps=10, width=384, height=384)
+    spec = jobs.SearchSpec(n_seeds=2, n_states=8, steps=10, width=args.size, height=args.size)
     t0 = time.perf_counter()
     option_table(dm, spec.options, cache_dir=cache)
     t_table = time.perf_counter() - t0
@@ -64,6 +65,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ctx.evaluate({n: "kmeans_c-3" for n in names})
     t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ctx.evaluate({n: "fp16" for n in names})  # the same states through the dense model: the compute floor
+    t_dense = time.perf_counter() - t0
 
     journal = args.out / "journal.sqlite"
     journal.unlink(missing_ok=True)
@@ -78,6 +82,7 @@ def main() -> None:
         "option_table_s": round(t_table, 1),
         "prepare_s": round(t_prepare, 1),
         "one_evaluation_s": round(t_one, 3),
+        "dense_evaluation_s": round(t_dense, 3),
         "states": 8,
         "search": {"configs": res.new, "seconds": round(res.seconds, 2),
                    "per_config_s": round(res.seconds / max(res.new, 1), 3),

@@ -302,9 +302,11 @@ def search_copy(model) -> nn.Module:
 
 
 def routed(model, fn):
-    """A clone of ``model`` whose sampler calls ``fn(apply_model, x, t, **c)`` for every denoiser call."""
+    """A clone of ``model`` whose sampler calls ``fn(apply_model, args)`` for every denoiser call; ``args`` holds
+    ``input``, ``timestep``, ``c`` (conditioning kwargs) and ``cond_or_uncond`` (0 = positive, 1 = negative per
+    equal chunk of the batch), as ComfyUI's ``model_function_wrapper`` receives them."""
     out = model.clone()
-    out.set_model_unet_function_wrapper(lambda apply_model, a: fn(apply_model, a["input"], a["timestep"], **a["c"]))
+    out.set_model_unet_function_wrapper(fn)
     return out
 
 

@@ -59,6 +59,7 @@ class SearchSpec:
         d = asdict(self)
         d["options"], d["keep"] = list(self.options), list(self.keep)
         d["conditioning"] = conditioning_digest
+        d["states_branch"] = "positive"  # denoise_error states: the conditional half of CFG batches
         return d
 
 
@@ -150,11 +151,12 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
         states = TrajectoryStates.load(cache) if cache.exists() else None
         if states is None:
             per = max(1, -(-spec.n_states // spec.n_seeds))
-            rec = StateRecorder(lambda x, t, **c: c.pop("__apply")(x, t, **c), per_trajectory=per,
-                                drop=("transformer_options", "__apply"))
+            rec = StateRecorder(lambda x, t, **c: c.pop("__out"), per_trajectory=per, drop=("__out",))
 
-            def record(apply_model, x, t, **c):
-                return rec(x, t, __apply=apply_model, **c)
+            def record(apply_model, a):
+                out = apply_model(a["input"], a["timestep"], **a["c"])
+                _record_positive(rec, a, out)
+                return out
 
             fp = bridge.routed(model, record)
             for s in seeds:
@@ -171,7 +173,7 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     else:
         fp_latents = torch.cat([bridge.sample_latents(model, positive, negative, seed=s, **kw) for s in seeds])
         metric = ImageDistance(fp_latents)
-        quant = bridge.routed(model, lambda apply_model, x, t, **c: base.apply_model(x, t, **c))
+        quant = bridge.routed(model, lambda apply_model, a: base.apply_model(a["input"], a["timestep"], **a["c"]))
 
         def objective() -> dict:
             out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in seeds])
@@ -184,6 +186,25 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
                           settings={**settings, "sampler": sampler.settings()},
                           layer_names=[la.name for la in layers])
     return SearchContext(model, layers, sampler, _Evaluate(model, swapper, objective), journal_kwargs, primary)
+
+
+def _record_positive(rec: StateRecorder, a: dict, out: torch.Tensor) -> None:
+    """Record the positive-prompt chunk of a (possibly CFG-batched) denoiser call: the denoise error is measured
+    on the conditional branch only, which halves its cost (the negative branch sees the same weights)."""
+    chunks = list(a.get("cond_or_uncond") or [0])
+    if 0 not in chunks:
+        return
+    i, n, batch = chunks.index(0), len(chunks), a["input"].shape[0]
+
+    def part(v):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch and n > 1:
+            return v.chunk(n)[i]
+        if isinstance(v, dict):
+            return {k: part(x) for k, x in v.items()}
+        return v
+
+    cond = {k: part(v) for k, v in a["c"].items() if k != "transformer_options"}
+    rec(part(a["input"]), part(a["timestep"]), __out=part(out), **cond)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
