@@ -6,6 +6,9 @@
 by side with timings, (c) scores op-level and block-level units and prints the insights.
 
 Run: ``set -a && . .venv/.qua2sedimo-host.env && set +a && .venv/bin/python bench/predictor.py --configs 200``
+
+Result (2 CPU cores, 200 configs, seed 0): held-out Spearman 0.935 ± 0.02 (GNN) vs 0.943 ± 0.02 (ridge), hop 0 and
+hop 4 at 0.94, hops 1–3 at 0.48–0.60; training 14 s, scores and construction < 0.2 s.
 """
 
 from __future__ import annotations
@@ -114,6 +117,20 @@ def main() -> None:
         t0 = time.perf_counter()
         scores[level] = unit_scores(ens, level=level)
         timings[f"scores {level} ({len(scores[level])} variants)"] = time.perf_counter() - t0
+    from qua2sedimo.quant.layer_table import LayerInfo, dtype_from_name
+    from qua2sedimo.search.construct import knapsack, paper_rule
+
+    layers = [LayerInfo(la.name, la.kind, la.shape, dtype_from_name(la.dtype)) for la in graph.layers]
+    t0 = time.perf_counter()
+    built = [paper_rule(scores["block"], layers)]
+    for bits in (3.25, 3.5, 3.75):
+        try:
+            built.append(knapsack(scores["block"], layers, target_bits=bits, tolerance=0.05))
+        except ValueError as e:
+            print(f"knapsack at {bits} bits: {e}")
+    timings["construct (paper + 3 knapsacks)"] = time.perf_counter() - t0
+    pred = ens.predict([c.options for c in built])
+    constructed = ", ".join(f"{c.rule} b̄={c.avg_bits:.3f} predicted {p:.4g}" for c, p in zip(built, pred, strict=True))
     ens.save(out / "predictor.safetensors")
     # cross-check: how much each layer's choice matters, GNN op-level score spread vs the ridge's effect spread
     eff = ridge.effects()
@@ -128,7 +145,8 @@ def main() -> None:
     print(f"\nper-layer sensitivity, GNN op-score spread vs ridge effect spread: Spearman {rho:+.3f} "
           f"over {len(names)} layers")
     print("\ntimings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}))
-    print(f"total predictor + scores: {sum(timings.values()):.1f} s (target ≤ 120 s)")
+    print(f"total predictor + scores + construction: {sum(timings.values()):.1f} s (target ≤ 120 s)")
+    print("constructed (block level):", constructed)
     for level, sc in scores.items():
         ins = insights(sc)
         print(f"\n== {level}-level insights ({len(sc)} variants; sampled units: {ins['sampled_units'] or 'none'})")

@@ -106,6 +106,9 @@ class SearchContext:
     evaluate: Callable[[Mapping[str, str]], dict]
     journal_kwargs: dict
     primary: str
+    table: object = None  # the OptionTable
+    search_dm: object = None  # the search's own denoiser module tree (quantized layers are swapped into it)
+    forward_once: Callable[[], object] | None = None  # one denoiser call (for tracing the layer graph)
 
 
 class _Evaluate:
@@ -169,6 +172,10 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
         def objective() -> dict:
             return metric(base.apply_model)
 
+        def forward_once():
+            st = states[0]
+            return base.apply_model(st.x.to(model.load_device), st.t.to(model.load_device), **st.cond)
+
         primary = "denoise_error"
     else:
         fp_latents = torch.cat([bridge.sample_latents(model, positive, negative, seed=s, **kw) for s in seeds])
@@ -179,13 +186,17 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
             out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in seeds])
             return metric(out)
 
+        def forward_once():
+            return bridge.sample_latents(quant, positive, negative, seed=seeds[0], **{**kw, "steps": 1})
+
         primary = "image_nmse"
 
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
     journal_kwargs = dict(model_fingerprint=fingerprint, objective=spec.objective,
                           settings={**settings, "sampler": sampler.settings()},
                           layer_names=[la.name for la in layers])
-    return SearchContext(model, layers, sampler, _Evaluate(model, swapper, objective), journal_kwargs, primary)
+    return SearchContext(model, layers, sampler, _Evaluate(model, swapper, objective), journal_kwargs, primary,
+                         table=table, search_dm=base.diffusion_model, forward_once=forward_once)
 
 
 def _record_positive(rec: StateRecorder, a: dict, out: torch.Tensor) -> None:
@@ -217,6 +228,7 @@ class SearchHandle:
     primary: str
     job_key: str
     target: int | None = None  # the configs budget the Search node was given
+    context: SearchContext | None = field(default=None, compare=False, repr=False)  # in-process only
 
     def open(self) -> Journal:
         kw = {k: v for k, v in self.journal_kwargs.items() if k != "layer_names"}

@@ -11,7 +11,7 @@ from ..search.sampling import option_set
 from . import comfy_bridge as bridge
 from . import search_jobs as jobs
 from .comfy_bridge import safe_prefix
-from .sockets import CATEGORY
+from .sockets import CATEGORY, Config
 from .sockets import Search as SearchSocket
 
 MODES = ["background", "wait", "stop"]
@@ -74,7 +74,7 @@ class Search(io.ComfyNode):
         node_id = cls.hidden.unique_id
         ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
         key = jobs.job_key(path, ctx.journal_kwargs)
-        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs)
+        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs, ctx)
         max_seconds = minutes * 60 if minutes > 0 else None
         job = jobs.JOBS.get(key)
         if mode == "stop":
@@ -152,4 +152,90 @@ class SearchStatus(io.ComfyNode):
         return io.NodeOutput(text, image, ui=ui.PreviewText(text))
 
 
-__all__ = ["Search", "SearchStatus", "np"]
+
+
+def _images(pngs: list[bytes]) -> torch.Tensor:
+    """PNG figures → one IMAGE batch (padded with white to the largest size)."""
+    arrays = [png_to_array(p) for p in pngs]
+    h, w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
+    out = np.ones((len(arrays), h, w, 3), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0], : a.shape[1]] = a
+    return torch.from_numpy(out)
+
+
+class SensitivityReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Qua2SeDiMoSensitivityReport",
+            display_name="Qua2SeDiMo Sensitivity Report",
+            category=CATEGORY,
+            description="Train the GNN predictor (and a ridge baseline) on the search's journal, score every unit "
+            "(layer and block), build knapsack configs at the target bits and the paper's rule, measure them, and "
+            "show the insights: box plots per op type / block category / block index, chosen options, Pareto plot; "
+            "text; JSON in the output folder.",
+            inputs=[
+                SearchSocket.Input("search"),
+                io.String.Input("targets", default="3.5, 4.0", tooltip="average bits of the knapsack configs"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input("filename_prefix", default="qua2sedimo/report"),
+            ],
+            outputs=[io.Image.Output(display_name="figures"), io.String.Output(display_name="text")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, search, targets: str, seed: int, filename_prefix: str) -> io.NodeOutput:
+        from pathlib import Path
+
+        import folder_paths
+
+        from ..quant.atomic import atomic_write_text
+        from ..search.report import report_dumps, report_text
+        from . import report_jobs
+
+        try:
+            bits = tuple(float(t) for t in targets.replace(";", ",").split(",") if t.strip())
+        except ValueError:
+            raise ValueError(f"targets {targets!r}: write average bits separated by commas, e.g. '3.5, 4.0'") from None
+        analysis = report_jobs.analyse(search, targets=bits, seed=seed, progress=bridge.Progress(cls.hidden.unique_id))
+        out_dir = Path(folder_paths.get_output_directory())
+        path = bridge.new_output_path(filename_prefix, out_dir, "report.json")
+        atomic_write_text(path, report_dumps(analysis.report))
+        text = report_text(analysis.report) + f"\nreport: {path.relative_to(out_dir.resolve()).as_posix()}"
+        return io.NodeOutput(_images(list(analysis.figures.values())), text, ui=ui.PreviewText(text))
+
+
+class BuildConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Qua2SeDiMoBuildConfig",
+            display_name="Qua2SeDiMo Build Config",
+            category=CATEGORY,
+            description="A config from the search's unit scores: 'knapsack' hits the target average bits (±0.01, "
+            "overhead included) or a size in GiB with the best predicted quality; 'paper' takes each unit's "
+            "top-scoring variant. The config is measured and journaled.",
+            inputs=[
+                SearchSocket.Input("search"),
+                io.Combo.Input("rule", options=["knapsack", "paper"], default="knapsack"),
+                io.Float.Input("target_bits", default=3.5, min=2.0, max=16.0, step=0.05),
+                io.Float.Input("max_gib", default=0.0, min=0.0, max=1024.0, step=0.1,
+                               tooltip="instead of target_bits: quantized layers must fit in this many GiB (0 = off)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+            ],
+            outputs=[Config.Output(display_name="config"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, search, rule: str, target_bits: float, max_gib: float, seed: int) -> io.NodeOutput:
+        from . import report_jobs
+
+        max_bytes = int(max_gib * 2**30) if max_gib > 0 else None
+        cfg, c, rec = report_jobs.build_config(search, rule=rule, target_bits=None if max_bytes else target_bits,
+                                               max_bytes=max_bytes, seed=seed)
+        text = (f"{c.label}: b̄ = {c.avg_bits:.3f}, {c.nbytes / 2**20:.1f} MiB; measured {search.primary} = "
+                f"{rec.primary:.4g}; " + ", ".join(f"{o}: {n}" for o, n in sorted(cfg.counts().items())))
+        return io.NodeOutput(cfg, text, ui=ui.PreviewText(text))

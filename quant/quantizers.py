@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -137,30 +136,29 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
 
 # ------------------------------------------------------------------------------------------ k-means
 #
-# Each row is sorted once. On a sorted row a Lloyd step is a binary search of the k−1 midpoints plus
-# prefix-sum look-ups, O(k log K) per row instead of O(kK). Initialisation works on a coreset of the
-# sorted row (atoms = exact sub-sums; single weights at both tails, where the outliers are): seeded
-# k-means++ draws on a small coreset and a quantile initialisation each take a few Lloyd steps on a
-# finer coreset, the lowest-SSE one per row continues with Lloyd steps on the full row. The sort,
-# the prefix sums and the final assignment are the only passes over all weights.
+# Each row is sorted once. Lloyd's steps then run on coresets of the sorted row — atoms are runs of
+# adjacent sorted weights with their exact count and sum: single weights in both tails (where the
+# outliers are), short runs in the bulk — so a step is a binary search of the k−1
+# midpoints among ~100–600 atoms plus prefix-sum look-ups. Seeded k-means++ draws on a small coreset
+# and a quantile initialisation take a few steps on a coarse coreset, the lowest-SSE one per row
+# continues on the fine coreset, and the final assignment and its exact segment means use the full
+# sorted row. The sort, the atom sums and the codes are the only passes over all weights.
 
-KMEANS_MAX_ITER = 12  # Lloyd steps on the fine coreset (K-Means-C; later steps gain ≲ 1 % of the error)
+KMEANS_MAX_ITER = 10  # Lloyd steps on the fine coreset (K-Means-C; later steps gain ≲ 1 % of the error)
 KMEANS_A_MAX_ITER = 300  # K-Means-A is one row, its steps cost microseconds: exact steps to a fixed point
 KMEANS_DRAWS = 4  # k-means++ draws per row (scikit-learn's default for k-means++ is 1)
-KMEANS_COARSE_ITER = 8  # Lloyd steps on the coreset for every initialisation
-_SEED_ATOMS = 32  # coreset size for the k-means++ draws
-_LLOYD_ATOMS = 128  # coreset size for the coarse Lloyd steps
-_FINE_ATOM = 8  # the fine coreset's atoms hold at most this many adjacent sorted weights
+KMEANS_COARSE_ITER = 4  # Lloyd steps on the coarse coreset for every initialisation
+_GRID = 128  # logit-spaced grid of the coarse coreset; every 4th point makes the seeding coreset
+_TAIL = 32  # single-weight atoms at each end of a sorted row
+_FINE_PER_CLUSTER = 16  # the fine coreset's bulk atoms hold K / (this · 2^bits) sorted weights
 _OMEGA = 1.8  # over-relaxation while a row's assignment still changes (plain steps then settle it)
-_BLOCK = 16  # prefix sums are fp32 inside blocks of this many sorted weights, fp64 across blocks
-_LOG_BLOCK = _BLOCK.bit_length() - 1
 
 
 @contextlib.contextmanager
 def _one_torch_thread(device: torch.device):
-    """Run torch's CPU ops on one thread: the k-means steps are many small ops, and with the cores
-    shared every parallel region can stall for a scheduler slice (5-15x slower on a loaded 2-core
-    machine); the large passes (sort, codes) are split over threads explicitly."""
+    """Run torch's CPU ops on one thread (threads started inside inherit it): the k-means steps are many
+    small ops, and with the cores shared every parallel region can stall for a scheduler slice (5-15x
+    slower on a loaded 2-core machine). :func:`kmeans_codes` splits the rows over threads instead."""
     n = torch.get_num_threads()
     if device.type != "cpu" or n == 1:
         yield
@@ -172,117 +170,82 @@ def _one_torch_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def _order_key16(bits: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int16 key of fp16/bf16 bit patterns (an involution: it is its own inverse)."""
+def _flip16(bits: np.ndarray) -> np.ndarray:
+    """fp16/bf16 bit patterns (int16) ↔ order-preserving int16 keys (sign-magnitude ↔ two's complement;
+    the map is its own inverse)."""
     key = bits >> 15
-    return key.bitwise_and_(0x7FFF).bitwise_xor_(bits)
+    key &= 0x7FFF
+    key ^= bits
+    return key
 
 
-def _in_row_blocks(fn: Callable[[slice], None], n_rows: int, size: int, threads: int) -> None:
-    """Run ``fn`` on row blocks in ``threads`` threads (for NumPy work, which releases the GIL)."""
-    n = min(threads, n_rows)
-    if n <= 1 or size < 1 << 16:
-        fn(slice(0, n_rows))
-        return
-    step = -(-n_rows // n)
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(fn, [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]))
+def _order_keys(w: torch.Tensor) -> np.ndarray:
+    """Keys of a CPU weight that order like its values: int16 keys for fp16/bf16, fp32 values otherwise."""
+    if w.dtype in (torch.float16, torch.bfloat16):
+        return _flip16(w.contiguous().view(torch.int16).numpy())
+    return w.to(torch.float32).contiguous().numpy()
 
 
-def _sort_numpy_rows(a: np.ndarray, kind: str, threads: int) -> None:
-    """Sort the rows of ``a`` in place."""
-    _in_row_blocks(lambda rows: a[rows].sort(axis=1, kind=kind), a.shape[0], a.size, threads)
-
-
-def _sorted_rows(w: torch.Tensor, width: int, threads: int) -> torch.Tensor:
-    """Rows of ``w`` ([R, K]) sorted ascending into fp32 ``[R, width]``, padded with each row's maximum.
-
-    16-bit CPU weights are sorted as order-preserving int16 keys with NumPy's radix sort (several times
-    faster than a comparison sort), other CPU weights with NumPy's SIMD sort, other devices with torch.
-    """
-    r, k = w.shape
-    xs = torch.empty(r, width, device=w.device)
-    if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16):
-        key = _order_key16(w.contiguous().view(torch.int16))
-        _sort_numpy_rows(key.numpy(), "stable", threads)
-        xs[:, :k] = _order_key16(key).view(w.dtype)
-    elif w.device.type == "cpu":
-        x = w.to(torch.float32, copy=True)
-        _sort_numpy_rows(x.numpy(), "quicksort", threads)
-        xs[:, :k] = x
-    else:
-        xs[:, :k] = w.float().sort(dim=1).values
-    xs[:, k:] = xs[:, k - 1 : k]
-    return xs
-
-
-def _block_prefix(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix sums of padded sorted rows: ``xs[r, :e].sum() ≈ off[r, e >> _LOG_BLOCK] + loc[r, e]``.
-
-    ``loc`` (fp32) sums inside a block only, ``off`` (fp64) over whole blocks: no full-width fp64 pass,
-    and a segment's sum is accurate to ~1e-7 of the sums of the blocks it touches (enough to steer the
-    Lloyd steps; the final means use :func:`_exact_prefix_at`).
-    """
-    r, width = xs.shape
-    blocks = xs.view(r, width >> _LOG_BLOCK, _BLOCK)
-    loc = blocks.cumsum(dim=2).sub_(blocks)
-    off = torch.zeros(r, width >> _LOG_BLOCK, dtype=torch.float64, device=xs.device)
-    off[:, 1:] = blocks[:, :-1].sum(dim=2).double().cumsum(dim=1)
-    return off, loc.view(r, width)
-
-
-def _prefix_at(off: torch.Tensor, loc: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``xs[r, :e[r, i]].sum()`` from :func:`_block_prefix` (fp64)."""
-    return off.gather(1, e >> _LOG_BLOCK) + loc.gather(1, e)
-
-
-def _exact_prefix_at(xs: torch.Tensor, off: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """Like :func:`_prefix_at`, with the partial block summed in fp64 (exact for segments within a block)."""
-    b = e >> _LOG_BLOCK
-    vals = xs.view(xs.shape[0], -1, _BLOCK)[torch.arange(xs.shape[0], device=xs.device)[:, None], b]
-    inside = torch.arange(_BLOCK, device=xs.device) < (e & (_BLOCK - 1))[..., None]
-    return off.gather(1, b) + torch.where(inside, vals, 0.0).double().sum(dim=2)
+def _sorted_rows(w: torch.Tensor, keys: np.ndarray | None) -> torch.Tensor:
+    """Rows of ``w`` sorted ascending, fp32. On CPU the :func:`_order_keys` are sorted with NumPy: int16
+    keys by its radix sort (several times faster than a comparison sort), fp32 by its SIMD sort."""
+    if keys is None:
+        return w.float().sort(dim=1).values
+    if keys.dtype == np.int16:
+        return torch.from_numpy(_flip16(np.sort(keys, axis=1, kind="stable"))).view(w.dtype).float()
+    return torch.from_numpy(np.sort(keys, axis=1))
 
 
 @functools.lru_cache(maxsize=64)
-def _atom_bounds(k_in: int, n_atoms: int, max_size: int | None = None) -> torch.Tensor:
-    """Boundaries, in a sorted row of ``k_in`` weights, of a coreset of about ``n_atoms`` atoms: single
-    weights at both tails, growing geometrically (logit spacing) towards the median, at most
-    ``max_size`` weights each (if given)."""
-    if k_in <= n_atoms:
-        return torch.arange(k_in + 1)
+def _coreset_bounds(k_in: int, fine_atom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Atom boundaries in a sorted row of ``k_in`` weights: the fine coreset's (single weights in the
+    tails, runs of ``fine_atom`` in between; all single for short rows), and the positions among them
+    of the coarse coreset's (a logit-spaced grid: atoms grow geometrically from the tails towards the
+    median) and of the seeding coreset's (every 4th grid point)."""
+    if k_in <= 2 * _TAIL + 4 * fine_atom:
+        fine = torch.arange(k_in + 1)
+    else:
+        hi = k_in - _TAIL - (k_in - 2 * _TAIL) % fine_atom
+        bulk = torch.arange(_TAIL, hi, fine_atom)
+        fine = torch.cat([torch.arange(_TAIL), bulk, torch.arange(hi, k_in + 1)])
     z = math.log(2 * k_in)
-    b = (torch.sigmoid(torch.linspace(-z, z, n_atoms + 1, dtype=torch.float64)) * k_in).round().long()
-    b[0], b[-1] = 0, k_in
-    if max_size:
-        b = torch.cat([b, torch.arange(0, k_in, max_size)])
-    return torch.unique(b)
+    grid = torch.sigmoid(torch.linspace(-z, z, _GRID + 1, dtype=torch.float64)) * k_in
+    grid[0], grid[-1] = 0, k_in
+    coarse = torch.unique(torch.searchsorted(fine.double(), grid))
+    seed = torch.unique(torch.searchsorted(fine.double(), grid[::4].contiguous()))
+    return fine, coarse, seed
 
 
-def _coreset(xs: torch.Tensor, off: torch.Tensor, loc: torch.Tensor, k_in: int, n_atoms: int,
-             max_size: int | None = None):
-    """Atoms of every sorted row: ``(means [R, M], cumulative counts [M+1], cumulative sums [R, M+1])``
-    (fp32; single-weight atoms are exact)."""
-    bounds = _atom_bounds(k_in, n_atoms, max_size).to(off.device)
-    psum = _prefix_at(off, loc, bounds.expand(off.shape[0], -1))
-    cnt = bounds.diff()
-    a = torch.where(cnt == 1, xs[:, bounds[:-1]], (psum.diff(dim=1) / cnt).float())
-    return a, bounds.float(), psum.float()
+def _atom_sums(xs: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums ``[R, M+1]`` (fp64) of the fine atoms of sorted rows ``xs``."""
+    r, k = xs.shape
+    sizes = fine.diff()
+    run = int(sizes.max())
+    if run == 1:
+        sums = xs
+    else:  # single weights, runs of ``run``, single weights
+        lo = int((sizes > 1).nonzero()[0])
+        hi = int(fine[lo + int((sizes > 1).sum())])
+        mid = xs[:, int(fine[lo]) : hi].reshape(r, -1, run).sum(dim=2)
+        sums = torch.cat([xs[:, : int(fine[lo])], mid, xs[:, hi:]], dim=1)
+    out = torch.zeros(r, sums.shape[1] + 1, dtype=torch.float64, device=xs.device)
+    torch.cumsum(sums, dim=1, dtype=torch.float64, out=out[:, 1:])
+    return out
 
 
-def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, n_draws: int, n_clusters: int, gen: torch.Generator):
-    """``n_draws`` seeded k-means++ (D² sampling) draws on the weighted atoms ``a`` ([R, M] sorted,
-    cumulative weights ``pcnt`` [M+1]) of every row: sorted seeds ``[R, n_draws, k]``."""
+def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """k-means++ (D² sampling) draws on the weighted atoms ``a`` ([R, M] sorted, cumulative weights
+    ``pcnt`` [M+1]) of every row, driven by the uniforms ``u`` ([k, R, draws]): sorted seeds
+    ``[R, draws, k]``."""
     r, m = a.shape
     w = pcnt.diff()
-    u = torch.rand(r, n_draws, generator=gen, device=a.device) * pcnt[-1]
-    c = a.gather(1, torch.searchsorted(pcnt[1:], u, right=True).clamp_max_(m - 1))
+    c = a.gather(1, torch.searchsorted(pcnt[1:], u[0] * pcnt[-1], right=True).clamp_max_(m - 1))
     seeds = [c]
     pot = (a[:, None, :] - c[:, :, None]).square_().mul_(w)
-    for _ in range(1, n_clusters):
+    for j in range(1, u.shape[0]):
         cdf = pot.cumsum(dim=2)
-        u = torch.rand(r, n_draws, 1, generator=gen, device=a.device).mul_(cdf[:, :, -1:])
-        c = a.gather(1, torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1).view(r, n_draws))
+        pick = torch.searchsorted(cdf, u[j, :, :, None] * cdf[:, :, -1:], right=True).clamp_max_(m - 1)
+        c = a.gather(1, pick.view(r, -1))
         seeds.append(c)
         pot = torch.minimum(pot, (a[:, None, :] - c[:, :, None]).square_().mul_(w))
     return torch.stack(seeds, dim=2).sort(dim=2).values
@@ -305,32 +268,39 @@ def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(cn > 0, sm / cn, c)
 
 
-def _coreset_lloyd(xs: torch.Tensor, off: torch.Tensor, loc: torch.Tensor, k_in: int,
-                   atoms: tuple[int, int | None], c: torch.Tensor, n_iter: int):
-    """At most ``n_iter`` over-relaxed Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on a
-    coreset of every sorted row; returns them with their coreset score ``Σ_j s_j²/n_j`` ([R, G];
-    SSE = Σx² − score).
+def _lloyd(bounds: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: int, omega: float = 1.0):
+    """At most ``n_iter`` Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the coreset whose
+    atoms end at ``bounds`` ([M+1], in the sorted row) with cumulative sums ``psum`` ([R, M+1]; the
+    steps run in its dtype). Returns them with their score ``Σ_j s_j²/n_j`` ([R, G]; SSE = Σx² − score).
 
-    While a row's assignment changes, its centroids move ``_OMEGA`` times the Lloyd step; once it did
-    not change they take plain steps, and a plain step that changes nothing is a Lloyd fixed point
-    (the loop ends early when every row is at one).
+    With ``omega > 1`` a row whose assignment still changes moves ``omega`` times the Lloyd step
+    (over-relaxation); once its assignment did not change it takes plain steps. A plain step that
+    changes nothing is a Lloyd fixed point; the loop ends early when every row is at one.
     """
-    a, pcnt, psum = _coreset(xs, off, loc, k_in, *atoms)
     r, g, k = c.shape
-    pcnt = pcnt.expand(r, -1)
+    pcnt = bounds.to(psum.device, psum.dtype).expand(r, -1)
+    a = psum.diff(dim=1) / pcnt.diff(dim=1)  # atom means
     lo, hi = a[:, :1, None], a[:, -1:, None]
-    t = torch.empty(r, g, k + 1, device=c.device)
+    c = c.to(psum.dtype)
+    t = torch.empty(r, g, k + 1, dtype=psum.dtype, device=c.device)
     t[..., 0], t[..., -1] = -math.inf, math.inf
     prev = torch.full((r, g, k + 1), -1, dtype=torch.long, device=c.device)
-    plain = torch.zeros(r, g, dtype=torch.bool, device=c.device)
+    plain = torch.full((r, g), omega == 1.0, dtype=torch.bool, device=c.device)
     for it in range(n_iter):
         e, cn, sm = _segments(a, pcnt, psum, c, t)
         mean = _means(cn, sm, c)
-        stable = (e == prev).all(dim=2)
-        if it % 4 == 3 and bool((stable & plain).all()):
+        if omega == 1.0 and it % 4 != 3:  # plain Lloyd keeps centroids sorted and needs no change test
+            c, prev = mean, e
+            continue
+        stable = (e != prev).sum(dim=2) == 0
+        if bool((stable & plain).all()):
             break
-        c = torch.where(stable[..., None], mean, torch.lerp(c, mean, _OMEGA).clamp_(lo, hi)).sort(dim=2).values
-        plain, prev = stable, e
+        if omega == 1.0:
+            c = mean
+        else:
+            c = torch.where(stable[..., None], mean, torch.lerp(c, mean, omega).clamp_(lo, hi)).sort(dim=2).values
+            plain = stable
+        prev = e
     _, cn, sm = _segments(a, pcnt, psum, c, t)
     return c, torch.where(cn > 0, sm * sm / cn, 0.0).sum(dim=2)
 
@@ -341,75 +311,93 @@ def _ceil_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(r.to(t.dtype) < t, torch.nextafter(r, torch.full_like(r, math.inf)), r)
 
 
-def _codes(w: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
+def _codes(w: torch.Tensor, keys: np.ndarray | None, t: torch.Tensor) -> torch.Tensor:
     """``codes[r, i] = #{j : w[r, i] >= t[r, j]}`` as uint8 (``t`` fp32, sorted per row).
 
-    On CPU the comparisons run in NumPy over row blocks in torch's threads (NumPy's SIMD compare is
-    several times faster than torch's broadcast compare), 16-bit weights as order-preserving int16 keys.
+    On CPU the comparisons run on the :func:`_order_keys` in NumPy (its SIMD compare is several times
+    faster than torch's broadcast compare here).
     """
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         w = w.float()
     t = _ceil_to(t, w.dtype)
-    if w.device.type != "cpu":
+    if keys is None:
         codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
         for j in range(t.shape[1]):
             codes += w >= t[:, j : j + 1]
         return codes
-    if w.dtype != torch.float32:
-        w, t = _order_key16(w.contiguous().view(torch.int16)), _order_key16(t.view(torch.int16))
-    wn, tn = w.contiguous().numpy(), t.numpy()
-    codes = np.zeros(wn.shape, dtype=np.uint8)
-
-    def run(rows: slice) -> None:
-        hit = np.empty(codes[rows].shape, dtype=np.bool_)
-        for j in range(tn.shape[1]):
-            np.greater_equal(wn[rows], tn[rows, j : j + 1], out=hit)
-            codes[rows] += hit.view(np.uint8)
-
-    _in_row_blocks(run, wn.shape[0], wn.size, threads)
+    tk = _order_keys(t)
+    codes = np.zeros(keys.shape, dtype=np.uint8)
+    hit = np.empty(keys.shape, dtype=np.bool_)
+    for j in range(tk.shape[1]):
+        np.greater_equal(keys, tk[:, j : j + 1], out=hit)
+        codes += hit.view(np.uint8)
     return torch.from_numpy(codes)
 
 
 def kmeans_codes(
-    w: torch.Tensor, bits: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER, fine_atom: int = _FINE_ATOM
+    w: torch.Tensor, bits: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER, fine_atom: int | None = None
 ):
     """1-D k-means with ``2^bits`` centroids on every row of ``w`` (``[R, K]``, any float dtype) at once.
 
     The best (lowest SSE) of ``KMEANS_DRAWS`` seeded k-means++ draws and a quantile initialisation after
-    ``KMEANS_COARSE_ITER`` Lloyd steps on a coreset of the row continues with at most ``max_iter`` Lloyd
-    steps on a fine coreset (atoms of ≤ ``fine_atom`` adjacent sorted weights; 1 = the row itself).
+    ``KMEANS_COARSE_ITER`` Lloyd steps on a coarse coreset continues with at most ``max_iter`` Lloyd
+    steps on the fine coreset (runs of ``fine_atom`` sorted weights in the bulk, by default
+    ``K / (_FINE_PER_CLUSTER · 2^bits)``; 1 = the row itself).
     The final assignment gives the codes (every weight → its nearest centroid) and the table holds the
     exact means of those segments. A row whose assignment stops changing is a Lloyd fixed point; like
-    scikit-learn (which stops at a tolerance), long rows may stop just short of one.
+    scikit-learn (which stops at a tolerance), long rows may stop just short of one. Rows are split
+    over torch's CPU threads; the random draws are made up front, so the result does not depend on it.
     Returns ``(codes uint8 [R, K], centroids fp32 [R, 2^bits])``.
     """
-    threads = torch.get_num_threads()
-    with _one_torch_thread(w.device):
-        return _kmeans_codes(w, bits, seed, max_iter, fine_atom, threads)
-
-
-def _kmeans_codes(w: torch.Tensor, bits: int, seed: int, max_iter: int, fine_atom: int, threads: int):
-    n_clusters = 1 << bits
     r, k = w.shape
-    xs = _sorted_rows(w, (k // _BLOCK + 1) * _BLOCK, threads)
-    off, loc = _block_prefix(xs)
+    fine_atom = fine_atom or max(1, k // (_FINE_PER_CLUSTER << bits))
     gen = torch.Generator(device=w.device).manual_seed(int(seed))
+    u = torch.rand(1 << bits, r, KMEANS_DRAWS, generator=gen, device=w.device)
+    n = min(torch.get_num_threads(), r) if w.device.type == "cpu" and w.numel() >= 1 << 16 else 1
+    step = -(-r // n)
+    parts = [slice(i, min(i + step, r)) for i in range(0, r, step)]
+    with _one_torch_thread(w.device):
+        if len(parts) == 1:
+            return _kmeans_rows(w, u, max_iter, fine_atom)
+        with ThreadPoolExecutor(len(parts)) as pool:
+            out = list(pool.map(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom), parts))
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
-    a, pcnt, _ = _coreset(xs, off, loc, k, _SEED_ATOMS)
-    seeds = _kmeanspp(a, pcnt, KMEANS_DRAWS, n_clusters, gen)
+
+def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int):
+    """:func:`kmeans_codes` on a block of rows, with the k-means++ draws' uniforms ``u`` ([k, R, draws])."""
+    r, k = w.shape
+    n_clusters = u.shape[0]
+    keys = _order_keys(w) if w.device.type == "cpu" else None
+    xs = _sorted_rows(w, keys)
+    fine, coarse, seed = (b.to(w.device) for b in _coreset_bounds(k, fine_atom))
+    psum = _atom_sums(xs, fine)
+
+    # initialisations: k-means++ draws on the seeding coreset and quantiles, Lloyd steps on the coarse one
+    sb, sp = fine[seed], psum[:, seed]
+    a = (sp.diff(dim=1) / sb.diff()).float()
+    seeds = _kmeanspp(a, sb.float(), u)
     pos = ((torch.arange(n_clusters, device=w.device) + 0.5) * (k / n_clusters)).long()
     seeds = torch.cat([seeds, xs[:, None, pos]], dim=1)
-    c, score = _coreset_lloyd(xs, off, loc, k, (_LLOYD_ATOMS, None), seeds, KMEANS_COARSE_ITER)
+    c, score = _lloyd(fine[coarse], psum[:, coarse].float(), seeds, KMEANS_COARSE_ITER)
     c = c[torch.arange(r, device=w.device), score.argmax(dim=1), None]
-    c, _ = _coreset_lloyd(xs, off, loc, k, (_LLOYD_ATOMS, fine_atom), c, max_iter)
+    c = _lloyd(fine, psum, c, max_iter, _OMEGA)[0][:, 0]
 
-    # final assignment on the full sorted rows and its exact segment means
-    c = c[:, 0]
+    # final assignment on the full sorted rows and its exact segment means: the atom holding each
+    # midpoint, then its (≤ fine_atom) weights below the midpoint
     t = (c[:, 1:] + c[:, :-1]) * 0.5
-    e = torch.searchsorted(xs, t).clamp_max_(k)
-    e = torch.cat([e.new_zeros(r, 1), e, e.new_full((r, 1), k)], dim=1)
-    means = _means(e.diff(dim=1), _exact_prefix_at(xs, off, e).diff(dim=1), c.double())
-    return _codes(w, t, threads), means.float()
+    first = xs[:, fine[:-1]]
+    j = (torch.searchsorted(first, t) - 1).clamp_min_(0)
+    span = torch.arange(int(fine.diff().max()), device=w.device)
+    idx = (fine[j][..., None] + span).clamp_max_(k - 1)
+    vals = xs.gather(1, idx.view(r, -1)).view(idx.shape)
+    below = (span < fine.diff()[j][..., None]) & (vals < t[..., None])
+    e = fine[j] + below.sum(dim=2)
+    s = psum.gather(1, j) + torch.where(below, vals, 0.0).sum(dim=2, dtype=torch.float64)
+    zero = torch.zeros(r, 1, dtype=torch.float64, device=w.device)
+    cn = torch.cat([zero, e.double(), zero + k], dim=1).diff(dim=1)
+    sm = torch.cat([zero, s, psum[:, -1:]], dim=1).diff(dim=1)
+    return _codes(w, keys, t), _means(cn, sm, c.double()).float()
 
 
 # ------------------------------------------------------------------------------------------ public

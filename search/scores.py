@@ -43,18 +43,23 @@ class UnitScore:
     op_type: str  # the layer's op type (op level); the output node's op type or combine op (block level)
     block_category: str
     block_index: int
-    layers: tuple[str, ...]
-    variant: tuple[str, ...]  # one option per layer of ``layers``
+    members: tuple[str, ...]  # the unit's layer names (as ``graph.Unit.members``)
+    variant: tuple[str, ...]  # one option per member
     score: float
     bits: float  # average bits of the variant over the unit's layers
     nbytes: int  # bytes of the unit's layers under the variant
     hop: int  # hop depth used (min(unit hop, predictor layers))
     sampled: bool = False  # the unit's variants were sampled, not enumerated
-    n_variants: int = 0  # all variants of the unit (len(options) ** len(layers))
+    n_variants: int = 0  # all variants of the unit (len(options) ** len(members))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.members
 
     def to_json(self) -> dict:
         return {"unit": self.unit, "level": self.level, "op_type": self.op_type,
-                "block_category": self.block_category, "block_index": self.block_index, "layers": list(self.layers),
+                "block_category": self.block_category, "block_index": self.block_index,
+                "members": list(self.members),
                 "variant": list(self.variant), "score": self.score, "bits": self.bits, "nbytes": self.nbytes,
                 "hop": self.hop, "sampled": self.sampled, "n_variants": self.n_variants}
 
@@ -131,13 +136,16 @@ def _stats(values: Iterable[float]) -> dict:
 def insights(scores: Sequence[UnitScore]) -> dict:
     """Score distributions for box plots: ``{"op_type" | "block_category" | "block_index": {key: stats}}`` with
     stats ``n, mean, std, median, q1, q3, min, max, scores`` (all variants of all units in the group), plus
-    ``best`` (top variant per unit: variant, score, bits, layers), ``levels``, ``n_variants`` and
-    ``sampled_units`` (units whose variants were sampled)."""
+    ``best`` (per unit: its top variant, score, bits, members, and ``spread`` = best − worst score and ``median``:
+    a unit whose choice matters has a wide spread; the level of its scores also carries the unit's own offset),
+    ``levels``, ``n_variants`` and ``sampled_units`` (units whose variants were sampled)."""
     groups: dict[str, dict] = {"op_type": defaultdict(list), "block_category": defaultdict(list),
                                "block_index": defaultdict(list)}
     best: dict[str, UnitScore] = {}
+    per_unit: dict[str, list[float]] = defaultdict(list)
     sampled: dict[str, None] = {}
     for s in scores:
+        per_unit[s.unit].append(s.score)
         groups["op_type"][s.op_type].append(s.score)
         groups["block_category"][s.block_category].append(s.score)
         groups["block_index"][s.block_index].append(s.score)
@@ -147,7 +155,8 @@ def insights(scores: Sequence[UnitScore]) -> dict:
             sampled[s.unit] = None
     out: dict = {key: {name: _stats(vals) for name, vals in sorted(g.items(), key=lambda kv: str(kv[0]))}
                  for key, g in groups.items()}
-    out["best"] = {u: {"variant": list(s.variant), "score": s.score, "bits": s.bits, "layers": list(s.layers)}
+    out["best"] = {u: {"variant": list(s.variant), "score": s.score, "bits": s.bits, "members": list(s.members),
+                       "spread": s.score - min(per_unit[u]), "median": float(np.median(per_unit[u]))}
                    for u, s in best.items()}
     out["levels"] = sorted({s.level for s in scores})
     out["n_variants"] = len(scores)

@@ -99,3 +99,35 @@ def test_background_job_stop_and_status(comfy_inproc, tiny_models, tmp_path, mon
     text = status_text(recs, objective="denoise_error", target=1000, state=job.status)
     assert text.startswith(f"cancelled: {len(recs)}/1000") and "Pareto front" in text
     assert pareto_png(recs, objective="denoise_error")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.comfy_inproc
+def test_report_and_build_config(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    import json
+
+    from qua2sedimo.nodes import report_jobs
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.quant import QuantConfig
+    from qua2sedimo.search.report import report_dumps
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    ctx = jobs.prepare(mp, pos, neg, jobs.SearchSpec(**SMALL))
+    path = tmp_path / "r.sqlite"
+    jobs.run_job(ctx, path, max_configs=16, max_seconds=None, job=jobs.SearchJob("r"))
+    handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, "r", 16, ctx)
+    a = report_jobs.analyse(handle, targets=(3.5, 4.0), folds=2, epochs=30)
+    assert len(a.graph.layers) == len(ctx.layers)
+    report = json.loads(report_dumps(a.report))
+    measured = report["measured_constructions"]
+    assert [m["rule"] for m in measured] == ["knapsack", "knapsack", "paper"]
+    for m, target in zip(measured, (3.5, 4.0, None), strict=True):
+        assert m["objective"] is not None and m["objective"] > 0
+        if target is not None:
+            assert target - 0.01 <= m["avg_bits"] <= target
+    assert report["baselines"]["uniform_uaq4"]["objective"] < report["baselines"]["uniform_uaq3"]["objective"]
+    assert set(report["predictor_summary"]) >= {"spearman", "kendall", "baseline_spearman"}
+    assert all(png[:4] == b"\x89PNG" for png in a.figures.values())
+    assert report_jobs.analyse(handle, targets=(3.5, 4.0), folds=2, epochs=30) is a  # cached
+
+    cfg, c, rec = report_jobs.build_config(handle, rule="knapsack", target_bits=3.7)
+    assert isinstance(cfg, QuantConfig) and abs(cfg.avg_bits() - 3.7) <= 0.0100001 and rec.primary > 0
