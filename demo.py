@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent
 TESTS = REPO / "tests"
 DEMO_MODEL = "pixart_sigma_d1"
 STEMS = {"uniform": "qua2sedimo-uniform-w4-sample", "mixed": "qua2sedimo-mixed-config-save-quantized",
-         "load": "qua2sedimo-load-quantized-sample", "search": "qua2sedimo-search-status"}
+         "load": "qua2sedimo-load-quantized-sample", "search": "qua2sedimo-search-status",
+         "full": "qua2sedimo-search-report-build-sample"}
 SEARCH_CONFIGS = 12
 
 
@@ -93,12 +94,61 @@ def run_workflows(server, out: Path) -> dict:
     results["load_quantized"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-from-quantized.png",
                                  "avg_bits": info["avg_bits"], "model_class": info["model"]}
     results["search"] = run_search(server, out, model)
+    results["report"] = run_report(server, out, model)
     return results
+
+
+def run_report(server, out: Path, model: dict) -> dict:
+    """search (resumed from the demo journal) → report → config at 3.5 bits → apply → sample → save.
+
+    Writes ``out/report.json`` (the node's report with the figure paths made relative to ``out``) and the figures.
+    """
+    _, _, wa = _helpers()
+    graph = wa.to_testbed(wa.twin(STEMS["full"]), **model, search_configs=SEARCH_CONFIGS)
+    node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
+    node["inputs"].update(journal="demo", n_states=8, n_seeds=2, steps=10)
+    t0 = time.perf_counter()
+    entry = server.run(graph, timeout=1800)
+    seconds = time.perf_counter() - t0
+    texts = _ui(entry, "text")
+    rel = next(t for t in texts if "report: " in t).rsplit("report: ", 1)[1].strip()
+    src = server.base / "output" / rel
+    report = json.loads(src.read_text())
+    figures = {}
+    for name, file in report.get("figures", {}).items():
+        shutil.copyfile(src.with_name(file), out / f"report-{name}.png")
+        figures[name] = f"report-{name}.png"
+    report["figures"] = figures
+    images = [p for p in server.saved_images(entry) if "knapsack-3.5" in p.name]
+    if images:
+        shutil.copyfile(images[0], out / "sample-knapsack-3.5.png")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    _copy_journal(server, out)  # now with the constructed and uniform configs too
+    built = next(t for t in texts if t.startswith("knapsack"))
+    return {"seconds": round(seconds, 2), "report": "report.json", "build_config": built,
+            "image": "sample-knapsack-3.5.png" if images else None}
+
+
+def _copy_journal(server, out: Path) -> list[tuple]:
+    """A consistent copy (WAL included) of the demo journal to ``out/journal.sqlite``; its (objective, b̄) rows."""
+    import sqlite3
+
+    src = sqlite3.connect(f"file:{server.base / 'models' / 'qua2sedimo' / 'journals' / 'demo.sqlite'}?mode=ro",
+                          uri=True)
+    dst_path = out / "journal.sqlite"
+    dst_path.unlink(missing_ok=True)
+    dst = sqlite3.connect(dst_path)
+    try:
+        src.backup(dst)
+        return dst.execute("SELECT primary_value, avg_bits FROM evals WHERE idx IS NOT NULL "
+                           "ORDER BY primary_value").fetchall()
+    finally:
+        src.close()
+        dst.close()
 
 
 def run_search(server, out: Path, model: dict) -> dict:
     """The search workflow in 'wait' mode (small budget); its journal is copied to ``out/journal.sqlite``."""
-    import sqlite3
 
     _, _, wa = _helpers()
     graph = wa.to_testbed(wa.twin(STEMS["search"]), **model, search_configs=SEARCH_CONFIGS)
@@ -109,17 +159,7 @@ def run_search(server, out: Path, model: dict) -> dict:
     seconds = time.perf_counter() - t0
     (png,) = server.saved_images(entry)
     shutil.copyfile(png, out / "search-pareto.png")
-    src = sqlite3.connect(f"file:{server.base / 'models' / 'qua2sedimo' / 'journals' / 'demo.sqlite'}?mode=ro",
-                          uri=True)
-    dst_path = out / "journal.sqlite"
-    dst_path.unlink(missing_ok=True)
-    dst = sqlite3.connect(dst_path)
-    try:
-        src.backup(dst)  # a consistent copy, WAL included
-        rows = dst.execute("SELECT primary_value, avg_bits FROM evals ORDER BY primary_value").fetchall()
-    finally:
-        src.close()
-        dst.close()
+    rows = _copy_journal(server, out)
     status = [t for t in _ui(entry, "text") if "configs evaluated" in t][-1]
     return {"seconds": round(seconds, 2), "evaluated": len(rows), "objective": "denoise_error",
             "best": {"denoise_error": rows[0][0], "avg_bits": rows[0][1]} if rows else None,
@@ -164,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     sr = workflows["search"]
     print(f"  search: {sr['evaluated']} configs in {sr['seconds']:.0f} s, best denoise_error "
           f"{sr['best']['denoise_error']:.4g} at b̄ {sr['best']['avg_bits']:.3f} → journal.sqlite, search-pareto.png")
+    rp = workflows["report"]
+    print(f"  report → report.json ({rp['seconds']:.0f} s); Build Config: {rp['build_config']}")
     print(f"  total {summary['seconds']['total']:.0f} s")
     return summary
 

@@ -78,11 +78,12 @@ def _baselines(records: Sequence[Record], targets: Sequence[float], layers) -> d
         out[f"uniform_{option.replace('-', '')}"] = ({"objective": r.primary, "avg_bits": r.avg_bits}
                                                      if r is not None else None)
     random = [r for r in records if r.source == "random" and math.isfinite(r.primary)]
+    out["best_random_at_or_below_target"] = {}
     for t in targets:
         below = [r for r in random if r.avg_bits <= t]
         best = min(below, key=lambda r: r.primary) if below else None
-        out[f"best_random_at_or_below_{t:g}"] = ({"objective": best.primary, "avg_bits": best.avg_bits}
-                                                  if best else None)
+        out["best_random_at_or_below_target"][f"{t:g}"] = ({"objective": best.primary, "avg_bits": best.avg_bits}
+                                                           if best else None)
     return out
 
 
@@ -117,9 +118,11 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     t = step("graph", t)
     with handle.open() as j:
         random = j.records(source="random")
-    features = FeatureBuilder.from_table(graph, ctx.table)
-    ensemble = train_predictor(graph, features, random, folds=folds, seed=seed, epochs=epochs)
-    baseline = train_baseline(features, random, folds=folds, seed=seed)
+    # ComfyUI runs nodes under inference mode: training needs autograd back (and tensors made outside it)
+    with torch.inference_mode(False), torch.enable_grad():
+        features = FeatureBuilder.from_table(graph, ctx.table)
+        ensemble = train_predictor(graph, features, random, folds=folds, seed=seed, epochs=epochs)
+        baseline = train_baseline(features, random, folds=folds, seed=seed)
     quality = compare(ensemble, baseline)
     t = step("predictor", t)
     scores = unit_scores(ensemble, graph, level="op") + unit_scores(ensemble, graph, level="block", max_variants=1296)
@@ -136,9 +139,12 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     op_types = {la.name: la.op_type for la in graph.layers}
     report = report_json(unit_scores=scores, records=records, constructions=constructions,
                          predictor_quality=_quality_table(quality), op_types=op_types, objective=handle.primary)
+    report["evaluated_summary"] = report.get("evaluated")
+    report["evaluated"] = n_random
+    report["objective"] = handle.primary
+    report["predictor"] = _predictor_summary(ensemble, baseline)
+    report["constructed"] = _measured(records, constructions)
     report["baselines"] = _baselines(records, targets, ctx.layers)
-    report["predictor_summary"] = _predictor_summary(ensemble, baseline)
-    report["measured_constructions"] = _measured(records, constructions)
     figures = {f"insights-{k}": v for k, v in insight_figures(aggregate_insights(scores)).items()}
     figures["chosen-options"] = chosen_options_png({c.label: c.options for c in constructions}, op_types)
     figures["pareto"] = pareto_png(records, objective=handle.primary, constructions=constructions)
@@ -221,7 +227,7 @@ def _measured(records: Sequence[Record], constructions: Sequence[Construction]) 
     for c in constructions:
         r = by_key.get(config_key(c.options))
         out.append({"rule": c.rule, "target_bits": c.target_bits, "avg_bits": c.avg_bits,
-                    "predicted_score": c.predicted, "objective": r.primary if r is not None else None})
+                    "objective": r.primary if r is not None else None, "predicted_score": c.predicted})
     return out
 
 

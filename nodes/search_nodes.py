@@ -178,7 +178,7 @@ class SensitivityReport(io.ComfyNode):
             inputs=[
                 SearchSocket.Input("search"),
                 io.String.Input("targets", default="3.5, 4.0", tooltip="average bits of the knapsack configs"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
                 io.String.Input("filename_prefix", default="qua2sedimo/report"),
             ],
             outputs=[io.Image.Output(display_name="figures"), io.String.Output(display_name="text")],
@@ -192,7 +192,7 @@ class SensitivityReport(io.ComfyNode):
 
         import folder_paths
 
-        from ..quant.atomic import atomic_write_text
+        from ..quant.atomic import atomic_write_text, atomic_write_with
         from ..search.report import report_dumps, report_text
         from . import report_jobs
 
@@ -203,7 +203,13 @@ class SensitivityReport(io.ComfyNode):
         analysis = report_jobs.analyse(search, targets=bits, seed=seed, progress=bridge.Progress(cls.hidden.unique_id))
         out_dir = Path(folder_paths.get_output_directory())
         path = bridge.new_output_path(filename_prefix, out_dir, "report.json")
-        atomic_write_text(path, report_dumps(analysis.report))
+        stem = path.name.removesuffix("report.json")
+        figures = {}
+        for name, png in analysis.figures.items():
+            fig = path.with_name(f"{stem}{name}.png")
+            atomic_write_with(fig, lambda tmp, png=png: tmp.write_bytes(png))
+            figures[name] = fig.name
+        atomic_write_text(path, report_dumps({**analysis.report, "figures": figures}))
         text = report_text(analysis.report) + f"\nreport: {path.relative_to(out_dir.resolve()).as_posix()}"
         return io.NodeOutput(_images(list(analysis.figures.values())), text, ui=ui.PreviewText(text))
 
@@ -224,7 +230,7 @@ class BuildConfig(io.ComfyNode):
                 io.Float.Input("target_bits", default=3.5, min=2.0, max=16.0, step=0.05),
                 io.Float.Input("max_gib", default=0.0, min=0.0, max=1024.0, step=0.1,
                                tooltip="instead of target_bits: quantized layers must fit in this many GiB (0 = off)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
             ],
             outputs=[Config.Output(display_name="config"), io.String.Output(display_name="summary")],
         )

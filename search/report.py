@@ -550,7 +550,8 @@ def report_text(report: Mapping) -> str:
         pvm = report.get("predicted_vs_measured") or {}
         if pvm.get("spearman") is not None:
             lines.append(f"  Spearman(predicted, −measured) = {pvm['spearman']:.3f} over {pvm['n']}")
-    ev = report.get("evaluated") or {}
+    ev = report.get("evaluated_summary") or report.get("evaluated")
+    ev = ev if isinstance(ev, dict) else {}
     if ev.get("best"):
         b = ev["best"]
         lines.append(f"best evaluated: {report.get('objective')} {_fmt(b['primary'])} at b̄ {_fmt(b['avg_bits'])} "

@@ -28,3 +28,11 @@ def test_demo_writes_every_output(tmp_path, tiny_models):
     search = summary["workflows"]["search"]
     assert search["evaluated"] == 12 and (tmp_path / "journal.sqlite").stat().st_size > 0
     assert Image.open(tmp_path / "search-pareto.png").size[0] > 100
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["evaluated"] == 12 and report["objective"] == "denoise_error"
+    assert set(report["predictor"]) >= {"spearman", "kendall", "baseline_spearman"}
+    rules = {(c["rule"], c["target_bits"]) for c in report["constructed"]}
+    assert {("knapsack", 3.5), ("knapsack", 4.0), ("paper", None)} <= rules
+    assert all(c["objective"] is not None for c in report["constructed"])
+    assert {"best_random_at_or_below_target", "uniform_uaq4", "uniform_uaq3"} <= set(report["baselines"])
+    assert all((tmp_path / f).exists() for f in report["figures"].values())

@@ -118,14 +118,16 @@ def test_report_and_build_config(comfy_inproc, tiny_models, tmp_path, monkeypatc
     a = report_jobs.analyse(handle, targets=(3.5, 4.0), folds=2, epochs=30)
     assert len(a.graph.layers) == len(ctx.layers)
     report = json.loads(report_dumps(a.report))
-    measured = report["measured_constructions"]
+    measured = report["constructed"]
     assert [m["rule"] for m in measured] == ["knapsack", "knapsack", "paper"]
     for m, target in zip(measured, (3.5, 4.0, None), strict=True):
         assert m["objective"] is not None and m["objective"] > 0
         if target is not None:
             assert target - 0.01 <= m["avg_bits"] <= target
     assert report["baselines"]["uniform_uaq4"]["objective"] < report["baselines"]["uniform_uaq3"]["objective"]
-    assert set(report["predictor_summary"]) >= {"spearman", "kendall", "baseline_spearman"}
+    assert set(report["predictor"]) >= {"spearman", "kendall", "baseline_spearman"}
+    assert report["evaluated"] == 16 and report["objective"] == "denoise_error"
+    assert set(report["baselines"]["best_random_at_or_below_target"]) == {"3.5", "4"}
     assert all(png[:4] == b"\x89PNG" for png in a.figures.values())
     assert report_jobs.analyse(handle, targets=(3.5, 4.0), folds=2, epochs=30) is a  # cached
 

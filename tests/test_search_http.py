@@ -76,3 +76,29 @@ def test_cancel_keeps_finished_configs_and_resumes(comfy_server):
     status = [t for t in _texts(entry) if "configs evaluated" in t]
     assert status[-1].startswith(f"done: {kept + 1}/{kept + 1}"), status
     assert _rows(journal) == kept + 1
+
+
+@pytest.mark.slow
+@pytest.mark.comfy_server
+def test_full_workflow_search_report_build_sample(comfy_server):
+    import json
+
+    graph = wa.to_testbed(wa.twin("qua2sedimo-search-report-build-sample"), **wa.TWIN_MODEL, search_configs=12)
+    node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
+    node["inputs"].update(journal="http-full")
+    entry = comfy_server.run(graph, timeout=1200)
+    texts = _texts(entry)
+    built = next(t for t in texts if t.startswith("knapsack"))
+    bits = float(built.split("b̄ = ")[1].split(",")[0])
+    assert 3.49 <= bits <= 3.5, built
+    report_line = next(t for t in texts if "report: " in t)
+    rel = report_line.rsplit("report: ", 1)[1].strip()
+    report = json.loads((comfy_server.base / "output" / rel).read_text())
+    assert report["evaluated"] == 12 and report["objective"] == "denoise_error"
+    assert {c["rule"] for c in report["constructed"]} == {"knapsack", "paper"}
+    assert all(c["objective"] is not None for c in report["constructed"])
+    for name in report["figures"].values():
+        assert (comfy_server.base / "output" / rel).with_name(name).stat().st_size > 1000
+    images = comfy_server.saved_images(entry)
+    assert len(images) >= 2  # the sample (output) and the report figures (preview)
+    assert any(t.startswith("saved qua2sedimo/knapsack-3.5") for t in texts)

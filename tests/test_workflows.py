@@ -11,7 +11,7 @@ import pytest
 import workflow_api as wa
 
 STEMS = ["qua2sedimo-uniform-w4-sample", "qua2sedimo-mixed-config-save-quantized", "qua2sedimo-load-quantized-sample",
-         "qua2sedimo-search-status"]
+         "qua2sedimo-search-status", "qua2sedimo-search-report-build-sample"]
 
 
 def _texts(entry: dict) -> list[str]:

@@ -85,13 +85,15 @@ def to_testbed(api: dict, *, unet: str, arch: str, latent_px: int, steps: int = 
     """Swap checkpoint/text-encoder/VAE nodes for the tiny test model, random conditioning and TAESD."""
     out = copy.deepcopy(api)
     vae_of: dict[str, list] = {}
+    next_id = max((int(k) for k in api if k.isdigit()), default=0) + 1
     for nid, node in list(out.items()):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple":
             node.update(class_type="UNETLoader", inputs={"unet_name": unet, "weight_dtype": "default"})
-            out[f"{nid}0"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"},
-                              "_meta": {"title": "VAE (TAESD)"}}
-            vae_of[nid] = [f"{nid}0", 0]
+            vae_id, next_id = str(next_id), next_id + 1  # a fresh id: never one the graph already uses
+            out[vae_id] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"},
+                           "_meta": {"title": "VAE (TAESD)"}}
+            vae_of[nid] = [vae_id, 0]
         elif ct == "CLIPLoader":
             del out[nid]
         elif ct == "VAELoader":
