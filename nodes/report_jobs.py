@@ -145,6 +145,12 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     report["predictor"] = _predictor_summary(ensemble, baseline)
     report["constructed"] = _measured(records, constructions)
     report["baselines"] = _baselines(records, targets, ctx.layers)
+    sampled = sorted({s.unit for s in scores if getattr(s, "sampled", False)})
+    report["sampled_block_units"] = sampled  # block units with more variants than scored: a seeded sample
+    if sampled:
+        report.setdefault("recommendations", []).append(
+            f"{len(sampled)} block unit(s) have more than 1296 option combinations; their scores come from a "
+            f"seeded sample of variants (e.g. {sampled[0]})")
     figures = {f"insights-{k}": v for k, v in insight_figures(aggregate_insights(scores)).items()}
     figures["chosen-options"] = chosen_options_png({c.label: c.options for c in constructions}, op_types)
     figures["pareto"] = pareto_png(records, objective=handle.primary, constructions=constructions)
