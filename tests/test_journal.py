@@ -332,14 +332,14 @@ def _content(path: Path, sampler: ConfigSampler) -> list[tuple]:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 def test_kill9_at_random_moments_then_resume(tmp_path: Path) -> None:
-    n = 500
+    n = 4000  # more than a tight loop writes before the latest kill, even on a fast, quiet machine
     path = tmp_path / "killed.sqlite"
     sampler = ConfigSampler(journal_worker.LAYERS, journal_worker.SEED)
     rng = random.Random(20250521)
     cmd = [sys.executable, str(HERE / "journal_worker.py"), str(path), str(n)]
     done, interrupted = 0, 0
     for attempt in range(6):
-        delay = "0.002" if attempt % 2 else "0"  # sleeping "evaluations" and a tight add loop
+        delay = "0.002" if attempt % 2 else "0.0002"  # sleeping "evaluations" and a near-tight add loop
         proc = subprocess.Popen([*cmd, delay], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             if attempt == 0:
