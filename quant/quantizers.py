@@ -6,9 +6,10 @@ Every result is *packed codes + lookup table*: UAQ's per-channel scale/zero-poin
 
 * UAQ: asymmetric min-max per output channel with the paper's clip search over α ∈ {1.0, 0.9, …, 0.1},
   keeping the candidate with the lowest mean ``|w − q(w)|^2.4``; round to nearest (ties to even).
-* K-Means: exact 1-D Lloyd iterations on *sorted* rows with prefix sums, so one iteration costs
-  O(rows · 2^b · log n) instead of O(rows · n · 2^b); several initialisations (quantiles, uniform
-  range, seeded k-means++) run to convergence and the lowest-SSE one is kept per row.
+* K-Means: 1-D Lloyd iterations on *sorted* rows with prefix sums, so one iteration costs
+  O(rows · 2^b · log n) instead of O(rows · n · 2^b): the best of seeded k-means++ draws and a
+  quantile initialisation per row, Lloyd steps on coresets of the sorted row, then exact steps on the
+  full row (K-Means-C: a fixed number, like scikit-learn's tolerance stop; K-Means-A: to a fixed point).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +102,8 @@ def check_weight(weight: torch.Tensor, name: str = "") -> None:
         )
     if weight.numel() == 0:
         raise ValueError(f"{at}weight is empty (shape {tuple(weight.shape)})")
-    if not bool(torch.isfinite(weight).all()):
+    # a NaN or Inf makes the sum non-finite (a fast reduction); only then (or on overflow) check every value
+    if not math.isfinite(float(weight.detach().sum())) and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{at}weight contains NaN or Inf values; fix or re-export the checkpoint first")
 
 
@@ -148,17 +152,19 @@ KMEANS_MAX_ITER = 10  # Lloyd steps on the fine coreset (K-Means-C; later steps 
 KMEANS_A_MAX_ITER = 300  # K-Means-A is one row, its steps cost microseconds: exact steps to a fixed point
 KMEANS_DRAWS = 4  # k-means++ draws per row (scikit-learn's default for k-means++ is 1)
 KMEANS_COARSE_ITER = 4  # Lloyd steps on the coarse coreset for every initialisation
-_GRID = 128  # logit-spaced grid of the coarse coreset; every 4th point makes the seeding coreset
+KMEANS_EXACT_STEPS = 2  # final Lloyd steps (≥ 1) on the full sorted rows (the last one's assignment → codes)
+_GRID = 128  # logit-spaced grid bounding the coarse coreset's atoms; every 4th point: the seeding coreset
 _TAIL = 32  # single-weight atoms at each end of a sorted row
 _FINE_PER_CLUSTER = 16  # the fine coreset's bulk atoms hold K / (this · 2^bits) sorted weights
 _OMEGA = 1.8  # over-relaxation while a row's assignment still changes (plain steps then settle it)
+_CACHE_ELEMS = 1 << 18  # weights per block of the code comparisons
 
 
 @contextlib.contextmanager
 def _one_torch_thread(device: torch.device):
     """Run torch's CPU ops on one thread (threads started inside inherit it): the k-means steps are many
     small ops, and with the cores shared every parallel region can stall for a scheduler slice (5-15x
-    slower on a loaded 2-core machine). :func:`kmeans_codes` splits the rows over threads instead."""
+    slower on a loaded 2-core machine). :func:`_map_row_blocks` splits the rows over threads instead."""
     n = torch.get_num_threads()
     if device.type != "cpu" or n == 1:
         yield
@@ -168,6 +174,19 @@ def _one_torch_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def _map_row_blocks(fn: Callable[[slice], Any], n_rows: int, size: int, device: torch.device) -> list:
+    """``fn(rows)`` for row blocks, one per torch CPU thread (a single block on other devices or for
+    small work), each with torch's own ops on one thread; NumPy and torch release the GIL."""
+    n = min(torch.get_num_threads(), n_rows) if device.type == "cpu" and size >= 1 << 16 else 1
+    step = -(-n_rows // n)
+    parts = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+    with _one_torch_thread(device):
+        if len(parts) == 1:
+            return [fn(parts[0])]
+        with ThreadPoolExecutor(len(parts)) as pool:
+            return list(pool.map(fn, parts))
 
 
 def _flip16(bits: np.ndarray) -> np.ndarray:
@@ -196,8 +215,12 @@ def _sorted_rows(w: torch.Tensor, keys: np.ndarray | None) -> torch.Tensor:
     return torch.from_numpy(np.sort(keys, axis=1))
 
 
-@functools.lru_cache(maxsize=64)
 def _coreset_bounds(k_in: int, fine_atom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_coreset_bounds_of`, cached for the usual row lengths (not for whole layers: K-Means-A)."""
+    return (_cached_bounds if k_in <= 1 << 16 else _coreset_bounds_of)(k_in, fine_atom)
+
+
+def _coreset_bounds_of(k_in: int, fine_atom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Atom boundaries in a sorted row of ``k_in`` weights: the fine coreset's (single weights in the
     tails, runs of ``fine_atom`` in between; all single for short rows), and the positions among them
     of the coarse coreset's (a logit-spaced grid: atoms grow geometrically from the tails towards the
@@ -216,6 +239,9 @@ def _coreset_bounds(k_in: int, fine_atom: int) -> tuple[torch.Tensor, torch.Tens
     return fine, coarse, seed
 
 
+_cached_bounds = functools.lru_cache(maxsize=32)(_coreset_bounds_of)
+
+
 def _atom_sums(xs: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     """Cumulative sums ``[R, M+1]`` (fp64) of the fine atoms of sorted rows ``xs``."""
     r, k = xs.shape
@@ -223,11 +249,11 @@ def _atom_sums(xs: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     run = int(sizes.max())
     if run == 1:
         sums = xs
-    else:  # single weights, runs of ``run``, single weights
+    else:  # single weights, runs of ``run`` (summed by a matrix-vector product), single weights
         lo = int((sizes > 1).nonzero()[0])
         hi = int(fine[lo + int((sizes > 1).sum())])
-        mid = xs[:, int(fine[lo]) : hi].reshape(r, -1, run).sum(dim=2)
-        sums = torch.cat([xs[:, : int(fine[lo])], mid, xs[:, hi:]], dim=1)
+        mid = xs[:, int(fine[lo]) : hi].reshape(-1, run) @ xs.new_ones(run)
+        sums = torch.cat([xs[:, : int(fine[lo])], mid.view(r, -1), xs[:, hi:]], dim=1)
     out = torch.zeros(r, sums.shape[1] + 1, dtype=torch.float64, device=xs.device)
     torch.cumsum(sums, dim=1, dtype=torch.float64, out=out[:, 1:])
     return out
@@ -244,11 +270,18 @@ def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Ten
     pot = (a[:, None, :] - c[:, :, None]).square_().mul_(w)
     for j in range(1, u.shape[0]):
         cdf = pot.cumsum(dim=2)
-        pick = torch.searchsorted(cdf, u[j, :, :, None] * cdf[:, :, -1:], right=True).clamp_max_(m - 1)
+        pick = torch.searchsorted(cdf, (u[j] * cdf[:, :, -1])[..., None], right=True).clamp_max_(m - 1)
         c = a.gather(1, pick.view(r, -1))
         seeds.append(c)
         pot = torch.minimum(pot, (a[:, None, :] - c[:, :, None]).square_().mul_(w))
-    return torch.stack(seeds, dim=2).sort(dim=2).values
+    return _sort_last(torch.stack(seeds, dim=2))
+
+
+def _sort_last(x: torch.Tensor) -> torch.Tensor:
+    """Sort along the last dimension (NumPy on CPU: torch's sort of short rows is several times slower)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+    return x.sort(dim=-1).values
 
 
 def _segments(a: torch.Tensor, pcnt: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, t: torch.Tensor):
@@ -268,21 +301,23 @@ def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(cn > 0, sm / cn, c)
 
 
-def _lloyd(bounds: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: int, omega: float = 1.0):
+def _lloyd(bounds: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: int, omega: float = 1.0,
+           dtype: torch.dtype = torch.float32):
     """At most ``n_iter`` Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the coreset whose
-    atoms end at ``bounds`` ([M+1], in the sorted row) with cumulative sums ``psum`` ([R, M+1]; the
-    steps run in its dtype). Returns them with their score ``Σ_j s_j²/n_j`` ([R, G]; SSE = Σx² − score).
+    atoms end at ``bounds`` ([M+1], in the sorted row) with cumulative sums ``psum`` ([R, M+1], fp64);
+    the steps run in ``dtype``. Returns them with their score ``Σ_j s_j²/n_j`` ([R, G]; SSE = Σx² − score).
 
     With ``omega > 1`` a row whose assignment still changes moves ``omega`` times the Lloyd step
     (over-relaxation); once its assignment did not change it takes plain steps. A plain step that
     changes nothing is a Lloyd fixed point; the loop ends early when every row is at one.
     """
     r, g, k = c.shape
-    pcnt = bounds.to(psum.device, psum.dtype).expand(r, -1)
-    a = psum.diff(dim=1) / pcnt.diff(dim=1)  # atom means
+    a = (psum.diff(dim=1) / bounds.diff().to(psum.device)).to(dtype)  # atom means
+    pcnt = bounds.to(psum.device, dtype).expand(r, -1)
+    psum = psum.to(dtype)
     lo, hi = a[:, :1, None], a[:, -1:, None]
-    c = c.to(psum.dtype)
-    t = torch.empty(r, g, k + 1, dtype=psum.dtype, device=c.device)
+    c = c.to(dtype)
+    t = torch.empty(r, g, k + 1, dtype=dtype, device=c.device)
     t[..., 0], t[..., -1] = -math.inf, math.inf
     prev = torch.full((r, g, k + 1), -1, dtype=torch.long, device=c.device)
     plain = torch.full((r, g), omega == 1.0, dtype=torch.bool, device=c.device)
@@ -326,11 +361,15 @@ def _codes(w: torch.Tensor, keys: np.ndarray | None, t: torch.Tensor) -> torch.T
             codes += w >= t[:, j : j + 1]
         return codes
     tk = _order_keys(t)
-    codes = np.zeros(keys.shape, dtype=np.uint8)
-    hit = np.empty(keys.shape, dtype=np.bool_)
-    for j in range(tk.shape[1]):
-        np.greater_equal(keys, tk[:, j : j + 1], out=hit)
-        codes += hit.view(np.uint8)
+    r, k = keys.shape
+    codes = np.zeros((r, k), dtype=np.uint8)
+    step = max(1, _CACHE_ELEMS // k)  # rows per pass: the k−1 compares of a block run in cache
+    hit = np.empty((min(step, r), k), dtype=np.bool_)
+    for i in range(0, r, step):
+        block, out = keys[i : i + step], codes[i : i + step]
+        for j in range(tk.shape[1]):
+            np.greater_equal(block, tk[i : i + step, j : j + 1], out=hit[: block.shape[0]])
+            out += hit[: block.shape[0]].view(np.uint8)
     return torch.from_numpy(codes)
 
 
@@ -353,14 +392,7 @@ def kmeans_codes(
     fine_atom = fine_atom or max(1, k // (_FINE_PER_CLUSTER << bits))
     gen = torch.Generator(device=w.device).manual_seed(int(seed))
     u = torch.rand(1 << bits, r, KMEANS_DRAWS, generator=gen, device=w.device)
-    n = min(torch.get_num_threads(), r) if w.device.type == "cpu" and w.numel() >= 1 << 16 else 1
-    step = -(-r // n)
-    parts = [slice(i, min(i + step, r)) for i in range(0, r, step)]
-    with _one_torch_thread(w.device):
-        if len(parts) == 1:
-            return _kmeans_rows(w, u, max_iter, fine_atom)
-        with ThreadPoolExecutor(len(parts)) as pool:
-            out = list(pool.map(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom), parts))
+    out = _map_row_blocks(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom), r, w.numel(), w.device)
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
@@ -374,30 +406,43 @@ def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int
     psum = _atom_sums(xs, fine)
 
     # initialisations: k-means++ draws on the seeding coreset and quantiles, Lloyd steps on the coarse one
-    sb, sp = fine[seed], psum[:, seed]
+    sb, sp = fine[seed], psum.index_select(1, seed)
     a = (sp.diff(dim=1) / sb.diff()).float()
     seeds = _kmeanspp(a, sb.float(), u)
     pos = ((torch.arange(n_clusters, device=w.device) + 0.5) * (k / n_clusters)).long()
-    seeds = torch.cat([seeds, xs[:, None, pos]], dim=1)
-    c, score = _lloyd(fine[coarse], psum[:, coarse].float(), seeds, KMEANS_COARSE_ITER)
+    seeds = torch.cat([seeds, xs.index_select(1, pos)[:, None]], dim=1)
+    c, score = _lloyd(fine[coarse], psum.index_select(1, coarse), seeds, KMEANS_COARSE_ITER)
     c = c[torch.arange(r, device=w.device), score.argmax(dim=1), None]
-    c = _lloyd(fine, psum, c, max_iter, _OMEGA)[0][:, 0]
+    # the coreset steps only steer (fp32; the exact steps below use fp64 sums); with single-weight
+    # atoms (K-Means-A) they are exact Lloyd steps, in fp64, and reach a fixed point
+    fine_dtype = torch.float64 if fine_atom == 1 else torch.float32
+    c = _lloyd(fine, psum, c, max_iter, _OMEGA, fine_dtype)[0][:, 0]
 
-    # final assignment on the full sorted rows and its exact segment means: the atom holding each
-    # midpoint, then its (≤ fine_atom) weights below the midpoint
-    t = (c[:, 1:] + c[:, :-1]) * 0.5
-    first = xs[:, fine[:-1]]
+    # exact Lloyd steps on the full sorted rows; the last assignment gives the codes
+    first = xs.index_select(1, fine[:-1])
+    c = c.double()
+    for _ in range(KMEANS_EXACT_STEPS):
+        t = ((c[:, 1:] + c[:, :-1]) * 0.5).float()
+        c = _exact_means(xs, fine, psum, first, t, c)
+    return _codes(w, keys, t), c.float()
+
+
+def _exact_means(xs: torch.Tensor, fine: torch.Tensor, psum: torch.Tensor, first: torch.Tensor, t: torch.Tensor,
+                 c: torch.Tensor) -> torch.Tensor:
+    """Exact means of the segments of the sorted rows ``xs`` cut at the midpoints ``t`` ([R, k−1]):
+    the fine atom holding each midpoint (from the atoms' ``first`` weights), then its weights below it."""
+    r, k = xs.shape
     j = (torch.searchsorted(first, t) - 1).clamp_min_(0)
-    span = torch.arange(int(fine.diff().max()), device=w.device)
+    size = fine.diff()
+    span = torch.arange(int(size.max()), device=xs.device)
     idx = (fine[j][..., None] + span).clamp_max_(k - 1)
     vals = xs.gather(1, idx.view(r, -1)).view(idx.shape)
-    below = (span < fine.diff()[j][..., None]) & (vals < t[..., None])
-    e = fine[j] + below.sum(dim=2)
+    below = (span < size[j][..., None]) & (vals < t[..., None])
+    zero = torch.zeros(r, 1, dtype=torch.float64, device=xs.device)
+    cn = torch.cat([zero, (fine[j] + below.sum(dim=2)).double(), zero + k], dim=1).diff(dim=1)
     s = psum.gather(1, j) + torch.where(below, vals, 0.0).sum(dim=2, dtype=torch.float64)
-    zero = torch.zeros(r, 1, dtype=torch.float64, device=w.device)
-    cn = torch.cat([zero, e.double(), zero + k], dim=1).diff(dim=1)
     sm = torch.cat([zero, s, psum[:, -1:]], dim=1).diff(dim=1)
-    return _codes(w, keys, t), _means(cn, sm, c.double()).float()
+    return _means(cn, sm, c)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -451,9 +496,43 @@ def quantize_weight(
         dtype=weight.dtype,
         group_size=group_size or None,
     )
-    deq = qw.dequantize(torch.float32).reshape(n_out, k_in)
-    diff = w - deq
-    norm = float(w.pow(2).sum())
-    qw.rel_error = float(diff.pow(2).sum()) / norm if norm > 0 else float(diff.pow(2).sum())
-    qw.lp_error = float(diff.abs().pow(LP_NORM).mean())
+    sq, lp, norm = _error_sums(w, codes, qw.lut.float(), group_size)
+    qw.rel_error = sq / norm if norm > 0 else sq
+    qw.lp_error = lp / w.numel()
     return qw
+
+
+def _table_lookup(codes: torch.Tensor, lut: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``lut[row or group, code]`` for every weight (``codes`` [N, K], unpacked; ``lut`` [1 | N | N·G, L]):
+    the same values as :meth:`QuantizedWeight.dequantize` of the packed codes, by one index_select."""
+    n, k = codes.shape
+    levels = lut.shape[1]
+    idx = codes.to(torch.int32, copy=True)
+    if lut.shape[0] > 1:
+        per_row = lut.shape[0] // n
+        idx += (torch.arange(n, dtype=torch.int32, device=codes.device) * (per_row * levels))[:, None]
+        if per_row > 1:
+            idx += (torch.arange(k, dtype=torch.int32, device=codes.device) // group_size * levels)[None, :]
+    return lut.reshape(-1).index_select(0, idx.view(-1)).view(n, k)
+
+
+def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_size: int | None):
+    """``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` for ``Q = lut[row or group, code]``; on CPU over row blocks in
+    torch's threads, with NumPy's pairwise sums and power (several times faster than torch's here)."""
+    if w.device.type != "cpu":
+        d = w - _table_lookup(codes, lut, group_size)
+        return (float(d.square().sum(dtype=torch.float64)), float(d.abs_().pow_(LP_NORM).sum(dtype=torch.float64)),
+                float(w.square().sum(dtype=torch.float64)))
+    n = w.shape[0]
+    per_row = lut.shape[0] // n
+
+    def block(rows: slice) -> tuple[float, float, float]:
+        table = lut[rows.start * per_row : rows.stop * per_row] if per_row else lut
+        x = w[rows].contiguous().numpy().reshape(-1)
+        d = (w[rows] - _table_lookup(codes[rows], table, group_size)).numpy().reshape(-1)
+        sq, ww = float(np.einsum("i,i->", d, d)), float(np.einsum("i,i->", x, x))
+        d = np.abs(d, out=d)
+        return sq, float(np.power(d, LP_NORM, out=d).sum(dtype=np.float64)), ww
+
+    sums = _map_row_blocks(block, n, w.numel(), w.device)
+    return tuple(float(sum(s[i] for s in sums)) for i in range(3))

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from qua2sedimo.quant import METHODS, paper_nbytes, quantize_weight, stored_nbytes
-from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS
+from qua2sedimo.quant import METHODS, paper_nbytes, quantize_weight, quantizers, stored_nbytes
+from qua2sedimo.quant.packing import unpack_codes
+from qua2sedimo.quant.quantizers import LP_NORM, UAQ_ALPHAS, kmeans_codes
 
 
 def weight(n_out=48, k_in=96, seed=0, dtype=torch.float32):
@@ -175,3 +176,72 @@ def test_cuda_matches_cpu(method):
     cpu = quantize_weight(w, method, 4)
     gpu = quantize_weight(w.cuda(), method, 4)
     assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=0.05)
+
+
+def test_kmeans_c_long_rows_match_sklearn_and_store_exact_means():
+    # rows longer than the coreset (the fast path): error vs scikit-learn, and every table entry is the
+    # exact mean of the weights coded to it
+    sklearn = pytest.importorskip("sklearn.cluster")
+    w = weight(6, 4608, seed=3, dtype=torch.float16)
+    wf = w.float()
+    for bits in (3, 4):
+        qw = quantize_weight(w, "kmeans_c", bits)
+        codes = unpack_codes(qw.codes, bits, 4608).long()
+        lut = kmeans_codes(w, bits)[1]
+        for r in range(w.shape[0]):
+            for j in codes[r].unique():
+                assert float(wf[r][codes[r] == j].double().mean()) == pytest.approx(float(lut[r, j]), abs=1e-7)
+        ours = (qw.dequantize(torch.float32) - wf).pow(2).mean(dim=1)
+        ref = []
+        for i, row in enumerate(wf.double().numpy()):
+            km = sklearn.KMeans(n_clusters=2**bits, max_iter=100, random_state=i).fit(row.reshape(-1, 1))
+            ref.append(((km.cluster_centers_[km.labels_, 0] - row) ** 2).mean())
+        assert float(ours.mean()) <= 1.02 * float(torch.tensor(ref).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kmeans_c_same_result_for_any_thread_count(dtype):
+    # rows are split over threads; the random draws are made up front, so the split must not matter
+    w = weight(300, 700, dtype=dtype)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans_codes(w, 4, seed=5)
+        torch.set_num_threads(3)
+        three = kmeans_codes(w, 4, seed=5)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.get_num_threads() == n
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kmeans_numpy_paths_match_torch_paths(dtype):
+    # CPU sorts and compares in NumPy (order-preserving int16 keys for 16-bit weights); other devices
+    # use torch: both must agree exactly
+    w = weight(40, 300, dtype=dtype)
+    w[0, :5] = 0.0
+    w[1, :5] = -0.0
+    keys = quantizers._order_keys(w)
+    assert torch.equal(quantizers._sorted_rows(w, keys), quantizers._sorted_rows(w, None))
+    t = torch.sort(torch.randn(40, 15) * 0.03, dim=1).values
+    t[:, 3] = w[:, 7].float()  # thresholds exactly on weights
+    assert torch.equal(quantizers._codes(w, keys, t), quantizers._codes(w, None, t))
+
+
+def test_errors_match_the_dequantized_weight_for_every_method():
+    w = weight(32, 256, dtype=torch.float16)
+    for method, group in [("uaq", None), ("uaq", 64), ("kmeans_c", None), ("kmeans_a", None)]:
+        qw = quantize_weight(w, method, 3, group_size=group)
+        d = (w.float() - qw.dequantize(torch.float32)).double()
+        assert qw.rel_error == pytest.approx(float(d.pow(2).sum() / w.double().pow(2).sum()), rel=1e-5)
+        assert qw.lp_error == pytest.approx(float(d.abs().pow(LP_NORM).mean()), rel=1e-5)
+
+
+def test_finite_check_only_rejects_nan_and_inf():
+    big = torch.full((4, 4), 3e38)  # the fast sum overflows; the exact check must still accept it
+    assert quantize_weight(big, "uaq", 4).codes.shape == (4, 2)
+    w = weight(8, 16)
+    w[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_weight(w, "kmeans_c", 4)
