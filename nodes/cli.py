@@ -121,10 +121,7 @@ def search_main(args: argparse.Namespace) -> dict:
                if res.best else None,
                "timings": {k: round(v, 3) for k, v in res.timings.items()}}
     if args.export_jsonl:
-        from ..search.journal import Journal
-
-        kw = {k: v for k, v in ctx.journal_kwargs.items() if k != "layer_names"}
-        with Journal.open(journal, readonly=True, **kw) as j:
+        with jobs.open_readonly(journal, ctx.journal_kwargs) as j:
             summary["jsonl"] = str(j.export_jsonl(args.export_jsonl))
     return summary
 

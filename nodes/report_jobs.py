@@ -12,12 +12,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from ..search.construct import Construction, evaluate_constructions, knapsack, paper_rule
 from ..search.graph import LayerGraph, trace_graph
 from ..search.journal import Journal, Record
 from ..search.predictor import FeatureBuilder, compare, train_baseline, train_predictor
 from ..search.report import aggregate_insights, chosen_options_png, insight_figures, pareto_png, report_json
 from ..search.runner import config_size
+from ..search.sampling import config_key
 from ..search.scores import unit_scores
 from .search_jobs import SearchHandle
 
@@ -59,8 +62,6 @@ def _measure_baselines(handle: SearchHandle, journal: Journal) -> None:
     ctx = handle.context
     for option in ("uaq-4", "uaq-3"):
         options = _uniform(ctx.layers, option)
-        from ..search.sampling import config_key
-
         if journal.has(config_key(options)):
             continue
         t0 = time.perf_counter()
@@ -70,11 +71,11 @@ def _measure_baselines(handle: SearchHandle, journal: Journal) -> None:
                     timings={"evaluate": time.perf_counter() - t0}, source="uniform")
 
 
-def _baselines(records: Sequence[Record], targets: Sequence[float], layers) -> dict:
+def _baselines(records: Sequence[Record], targets: Sequence[float]) -> dict:
     out: dict = {}
-    by_key = {r.options and tuple(sorted(set(r.options.values()))): r for r in records if r.source == "uniform"}
+    uniform = {next(iter(r.options.values())): r for r in records if r.source == "uniform"}
     for option in ("uaq-4", "uaq-3"):
-        r = by_key.get((option,))
+        r = uniform.get(option)
         out[f"uniform_{option.replace('-', '')}"] = ({"objective": r.primary, "avg_bits": r.avg_bits}
                                                      if r is not None else None)
     random = [r for r in records if r.source == "random" and math.isfinite(r.primary)]
@@ -111,8 +112,6 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
 
     t = time.perf_counter()
     ctx.evaluate({la.name: "fp16" for la in ctx.layers})  # trace the unquantized graph
-    import torch
-
     with torch.inference_mode():
         graph = trace_graph(ctx.search_dm, ctx.forward_once)
     t = step("graph", t)
@@ -144,7 +143,7 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     report["objective"] = handle.primary
     report["predictor"] = _predictor_summary(ensemble, baseline)
     report["constructed"] = _measured(records, constructions)
-    report["baselines"] = _baselines(records, targets, ctx.layers)
+    report["baselines"] = _baselines(records, targets)
     sampled = sorted({s.unit for s in scores if getattr(s, "sampled", False)})
     report["sampled_block_units"] = sampled  # block units with more variants than scored: a seeded sample
     if sampled:
@@ -226,8 +225,6 @@ def _predictor_summary(ensemble, baseline) -> dict:
 
 
 def _measured(records: Sequence[Record], constructions: Sequence[Construction]) -> list[dict]:
-    from ..search.sampling import config_key
-
     by_key = {r.config_key: r for r in records}
     out = []
     for c in constructions:

@@ -219,6 +219,12 @@ def _record_positive(rec: StateRecorder, a: dict, out: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
+def open_readonly(journal: str | Path, journal_kwargs: dict) -> Journal:
+    """The search's journal run, read-only (no writer lock: works while the search writes)."""
+    kw = {k: v for k, v in journal_kwargs.items() if k != "layer_names"}
+    return Journal.open(journal, readonly=True, **kw)
+
+
 @dataclass(frozen=True)
 class SearchHandle:
     """What flows along a SEARCH socket: where the journal run is (read it with :meth:`open`)."""
@@ -231,8 +237,7 @@ class SearchHandle:
     context: SearchContext | None = field(default=None, compare=False, repr=False)  # in-process only
 
     def open(self) -> Journal:
-        kw = {k: v for k, v in self.journal_kwargs.items() if k != "layer_names"}
-        return Journal.open(self.journal, readonly=True, **kw)
+        return open_readonly(self.journal, self.journal_kwargs)
 
     def job(self) -> SearchJob | None:
         return JOBS.get(self.job_key)
@@ -278,9 +283,8 @@ def done_count(journal: Path, journal_kwargs: dict) -> int:
     """Sampled configs of this run already in the journal (0 when the file or the run does not exist yet)."""
     if not Path(journal).exists():
         return 0
-    kw = {k: v for k, v in journal_kwargs.items() if k != "layer_names"}
     try:
-        with Journal.open(journal, readonly=True, **kw) as j:
+        with open_readonly(journal, journal_kwargs) as j:
             return len(j.done_indices())
     except ValueError:
         return 0

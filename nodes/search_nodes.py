@@ -104,13 +104,18 @@ class Search(io.ComfyNode):
         return io.NodeOutput(handle, text, ui=ui.PreviewText(text))
 
 
-def _status(handle: jobs.SearchHandle, target: int | None = None) -> str:
-    job = handle.job()
+def _records(handle: jobs.SearchHandle) -> list:
+    """The run's records so far (none yet when the journal or the run does not exist)."""
     try:
         with handle.open() as j:
-            records = j.records()
+            return j.records()
     except ValueError:
-        records = []
+        return []
+
+
+def _status(handle: jobs.SearchHandle, target: int | None = None, records: list | None = None) -> str:
+    job = handle.job()
+    records = _records(handle) if records is None else records
     n_random = sum(r.idx is not None for r in records)
     state = job.status if job is not None else "idle"
     if target and n_random >= target and not (job is not None and job.running):
@@ -142,12 +147,8 @@ class SearchStatus(io.ComfyNode):
 
     @classmethod
     def execute(cls, search: jobs.SearchHandle) -> io.NodeOutput:
-        try:
-            with search.open() as j:
-                records = j.records()
-        except ValueError:
-            records = []
-        text = _status(search, search.target)
+        records = _records(search)
+        text = _status(search, search.target, records)
         image = torch.from_numpy(png_to_array(pareto_png(records, objective=search.primary)))[None]
         return io.NodeOutput(text, image, ui=ui.PreviewText(text))
 

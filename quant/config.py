@@ -15,7 +15,7 @@ from torch import nn
 
 from . import accounting
 from .atomic import atomic_write_text
-from .layer_table import LayerInfo, dtype_from_name, layers_fingerprint, quantizable_layers
+from .layer_table import LayerInfo, dtype_from_name, layer_table_diff, layers_fingerprint, quantizable_layers
 from .options import FP_OPTION, parse_option
 
 CONFIG_FORMAT = "qua2sedimo.config"
@@ -154,22 +154,9 @@ class QuantConfig:
         theirs = quantizable_layers(model)
         if layers_fingerprint(theirs) == self.fingerprint:
             return
-        mine = {layer.name: layer.shape for layer in self.layers}
-        other = {layer.name: layer.shape for layer in theirs}
-        missing = [n for n in mine if n not in other]
-        unexpected = [n for n in other if n not in mine]
-        reshaped = [n for n in mine if n in other and tuple(mine[n]) != tuple(other[n])]
-        details = []
-        if missing:
-            details.append(f"{len(missing)} configured layer(s) absent from the model (e.g. {missing[0]!r})")
-        if unexpected:
-            details.append(f"{len(unexpected)} model layer(s) not in the config (e.g. {unexpected[0]!r})")
-        if reshaped:
-            n = reshaped[0]
-            details.append(f"{len(reshaped)} layer(s) with other shapes (e.g. {n!r}: {mine[n]} vs {other[n]})")
         raise ValueError(
             "this config was made for another model (layer tables differ: "
-            + "; ".join(details or ["layer order differs"])
+            + layer_table_diff(self.layers, theirs, "config", "model")
             + "). Build a config for this model (e.g. QuantConfig.uniform) or load the matching one."
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +79,22 @@ def weights_fingerprint(model: nn.Module, layers: Iterable[LayerInfo] | None = N
         h.update(json.dumps(layer.to_json()).encode())
         h.update(w.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def layer_table_diff(mine: Sequence[LayerInfo], theirs: Sequence[LayerInfo], mine_name: str,
+                     theirs_name: str) -> str:
+    """What differs between two layer tables, for error messages (``"layer order differs"`` if only the order)."""
+    a = {layer.name: tuple(layer.shape) for layer in mine}
+    b = {layer.name: tuple(layer.shape) for layer in theirs}
+    missing = [n for n in a if n not in b]
+    extra = [n for n in b if n not in a]
+    reshaped = [n for n in a if n in b and a[n] != b[n]]
+    details = []
+    if missing:
+        details.append(f"{len(missing)} {mine_name} layer(s) absent from the {theirs_name} (e.g. {missing[0]!r})")
+    if extra:
+        details.append(f"{len(extra)} {theirs_name} layer(s) not in the {mine_name} (e.g. {extra[0]!r})")
+    if reshaped:
+        n = reshaped[0]
+        details.append(f"{len(reshaped)} layer(s) with other shapes (e.g. {n!r}: {list(a[n])} vs {list(b[n])})")
+    return "; ".join(details or ["layer order differs"])

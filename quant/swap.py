@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from torch import nn
 
 from .config import QuantConfig
-from .layer_table import LayerInfo, layers_fingerprint, quantizable_layers, weights_fingerprint
+from .layer_table import LayerInfo, layer_table_diff, layers_fingerprint, quantizable_layers, weights_fingerprint
 from .layers import QuantConv2d, QuantLinear, quantized_module
 from .options import FP_OPTION, parse_option
 from .table import OptionTable
@@ -186,20 +186,7 @@ def _check_layers(model_layers: list[LayerInfo], table_layers: list[LayerInfo]) 
                 "build the table from the model as it is now"
             )
         return
-    model_names = {layer.name: layer.shape for layer in model_layers}
-    table_names = {layer.name: layer.shape for layer in table_layers}
-    missing = [n for n in table_names if n not in model_names]
-    extra = [n for n in model_names if n not in table_names]
-    reshaped = [n for n in table_names if n in model_names and tuple(table_names[n]) != tuple(model_names[n])]
-    details = []
-    if missing:
-        details.append(f"{len(missing)} table layer(s) absent from the model (e.g. {missing[0]!r})")
-    if extra:
-        details.append(f"{len(extra)} model layer(s) not in the table (e.g. {extra[0]!r})")
-    if reshaped:
-        n = reshaped[0]
-        details.append(f"{len(reshaped)} layer(s) with other shapes (e.g. {n!r})")
     raise ValueError(
         "the option table belongs to another model (layer tables differ: "
-        + "; ".join(details or ["layer order differs"]) + ")"
+        + layer_table_diff(table_layers, model_layers, "table", "model") + ")"
     )
