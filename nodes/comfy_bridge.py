@@ -328,6 +328,22 @@ def load_for_eval(model) -> torch.device:
     return model.load_device
 
 
+def comfy_root() -> Path:
+    """The ComfyUI folder this process runs (Ray workers boot the same one)."""
+    return Path(comfy.model_management.__file__).resolve().parent.parent
+
+
+def runs_on_cpu() -> bool:
+    """True when ComfyUI computes on the CPU (``--cpu`` or no accelerator)."""
+    return comfy.model_management.get_torch_device().type == "cpu"
+
+
+def adopt(model) -> None:
+    """Point a MODEL that was built in another process (unpickled on a Ray worker) at this process's devices."""
+    model.load_device = comfy.model_management.get_torch_device()
+    model.offload_device = comfy.model_management.unet_offload_device()
+
+
 def interrupted() -> bool:
     """True while the user's Cancel (``/interrupt``) is pending."""
     return comfy.model_management.processing_interrupted()

@@ -22,7 +22,7 @@ from ..quant.layer_table import layers_fingerprint
 from ..quant.swap import ConfigSwapper
 from ..search.journal import Journal
 from ..search.objectives import DenoiseError, ImageDistance, StateRecorder, TrajectoryStates, states_cache_key
-from ..search.runner import SearchProgress, SearchResult, run_search
+from ..search.runner import Executor, SearchProgress, SearchResult, run_search
 from ..search.sampling import ConfigSampler, option_set
 from . import comfy_bridge as bridge
 
@@ -97,6 +97,15 @@ def check_conditioning(cond, what: str) -> None:
 
 
 @dataclass
+class Reference:
+    """What a config is compared against, computed once with the full-precision MODEL: trajectory states with
+    their FP outputs (``denoise_error``) or the FP final latents (``image``). Shipped as is to Ray workers."""
+
+    states: TrajectoryStates | None = None
+    fp_latents: torch.Tensor | None = None
+
+
+@dataclass
 class SearchContext:
     """Everything an evaluation needs, prepared once per model and spec."""
 
@@ -109,6 +118,10 @@ class SearchContext:
     table: object = None  # the OptionTable
     search_dm: object = None  # the search's own denoiser module tree (quantized layers are swapped into it)
     forward_once: Callable[[], object] | None = None  # one denoiser call (for tracing the layer graph)
+    spec: SearchSpec | None = None
+    positive: list | None = None
+    negative: list | None = None
+    reference: Reference | None = None
 
 
 class _Evaluate:
@@ -129,44 +142,50 @@ class _Evaluate:
         return values
 
 
-def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:
-    """Option table (cached), FP reference (trajectory states or final latents, cached per spec), swapper."""
-    check_conditioning(positive, "positive")
-    check_conditioning(negative, "negative")
-    dm = bridge.diffusion_model(model)
-    layers = quantizable_layers(dm)
-    if not layers:
-        raise ValueError("this MODEL's denoiser has no quantizable Linear/Conv2d layers: nothing to search")
-    fingerprint = layers_fingerprint(layers)
-    digest = conditioning_digest(positive, negative)
-    settings = spec.settings(digest)
-    table = option_table(dm, spec.options, cache_dir=bridge.cache_dir(), device=bridge._quant_device(),
-                         progress=progress)
+def _sampling_kwargs(spec: SearchSpec) -> dict:
+    return dict(steps=spec.steps, cfg=spec.cfg, sampler_name=spec.sampler_name, scheduler=spec.scheduler,
+                width=spec.width, height=spec.height)
+
+
+def _seeds(spec: SearchSpec) -> list[int]:
+    return [spec.seed + i for i in range(spec.n_seeds)]
+
+
+def make_reference(model, positive, negative, spec: SearchSpec, fingerprint: str, settings: dict) -> Reference:
+    """The FP reference of ``spec`` (trajectory states are cached on disk per model and settings)."""
+    bridge.load_for_eval(model)
+    if spec.objective == "image":
+        return Reference(fp_latents=torch.cat([bridge.sample_latents(model, positive, negative, seed=s,
+                                                                     **_sampling_kwargs(spec))
+                                               for s in _seeds(spec)]))
+    cache = bridge.cache_dir() / f"states-{states_cache_key(fingerprint, settings)}.safetensors"
+    states = TrajectoryStates.load(cache) if cache.exists() else None
+    if states is None:
+        per = max(1, -(-spec.n_states // spec.n_seeds))
+        rec = StateRecorder(lambda x, t, **c: c.pop("__out"), per_trajectory=per, drop=("__out",))
+
+        def record(apply_model, a):
+            out = apply_model(a["input"], a["timestep"], **a["c"])
+            _record_positive(rec, a, out)
+            return out
+
+        fp = bridge.routed(model, record)
+        for s in _seeds(spec):
+            rec.new_trajectory()
+            bridge.sample_latents(fp, positive, negative, seed=s, **_sampling_kwargs(spec))
+        states = rec.states(meta={"settings": settings})
+        states.save(cache)
+    return Reference(states=states)
+
+
+def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference: Reference):
+    """``(evaluate, forward_once, primary)`` for ``spec``'s objective on a search copy of ``model`` (the same
+    code in-process and on Ray workers)."""
     base = bridge.search_copy(model)
     swapper = ConfigSwapper(base.diffusion_model, table, check_weights=False)
-    seeds = [spec.seed + i for i in range(spec.n_seeds)]
-    kw = dict(steps=spec.steps, cfg=spec.cfg, sampler_name=spec.sampler_name, scheduler=spec.scheduler,
-              width=spec.width, height=spec.height)
-    bridge.load_for_eval(model)
-
+    kw = _sampling_kwargs(spec)
     if spec.objective == "denoise_error":
-        cache = bridge.cache_dir() / f"states-{states_cache_key(fingerprint, settings)}.safetensors"
-        states = TrajectoryStates.load(cache) if cache.exists() else None
-        if states is None:
-            per = max(1, -(-spec.n_states // spec.n_seeds))
-            rec = StateRecorder(lambda x, t, **c: c.pop("__out"), per_trajectory=per, drop=("__out",))
-
-            def record(apply_model, a):
-                out = apply_model(a["input"], a["timestep"], **a["c"])
-                _record_positive(rec, a, out)
-                return out
-
-            fp = bridge.routed(model, record)
-            for s in seeds:
-                rec.new_trajectory()
-                bridge.sample_latents(fp, positive, negative, seed=s, **kw)
-            states = rec.states(meta={"settings": settings})
-            states.save(cache)
+        states = reference.states
         metric = DenoiseError(states, device=model.load_device)
 
         def objective() -> dict:
@@ -178,25 +197,41 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
 
         primary = "denoise_error"
     else:
-        fp_latents = torch.cat([bridge.sample_latents(model, positive, negative, seed=s, **kw) for s in seeds])
-        metric = ImageDistance(fp_latents)
+        metric = ImageDistance(reference.fp_latents)
         quant = bridge.routed(model, lambda apply_model, a: base.apply_model(a["input"], a["timestep"], **a["c"]))
 
         def objective() -> dict:
-            out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in seeds])
+            out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in _seeds(spec)])
             return metric(out)
 
         def forward_once():
-            return bridge.sample_latents(quant, positive, negative, seed=seeds[0], **{**kw, "steps": 1})
+            return bridge.sample_latents(quant, positive, negative, seed=spec.seed, **{**kw, "steps": 1})
 
         primary = "image_nmse"
+    return _Evaluate(model, swapper, objective), forward_once, primary, base
 
+
+def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:
+    """Option table (cached), FP reference (trajectory states or final latents, cached per spec), swapper."""
+    check_conditioning(positive, "positive")
+    check_conditioning(negative, "negative")
+    dm = bridge.diffusion_model(model)
+    layers = quantizable_layers(dm)
+    if not layers:
+        raise ValueError("this MODEL's denoiser has no quantizable Linear/Conv2d layers: nothing to search")
+    fingerprint = layers_fingerprint(layers)
+    settings = spec.settings(conditioning_digest(positive, negative))
+    table = option_table(dm, spec.options, cache_dir=bridge.cache_dir(), device=bridge._quant_device(),
+                         progress=progress)
+    reference = make_reference(model, positive, negative, spec, fingerprint, settings)
+    evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference)
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
     journal_kwargs = dict(model_fingerprint=fingerprint, objective=spec.objective,
                           settings={**settings, "sampler": sampler.settings()},
                           layer_names=[la.name for la in layers])
-    return SearchContext(model, layers, sampler, _Evaluate(model, swapper, objective), journal_kwargs, primary,
-                         table=table, search_dm=base.diffusion_model, forward_once=forward_once)
+    return SearchContext(model, layers, sampler, evaluate, journal_kwargs, primary, table=table,
+                         search_dm=base.diffusion_model, forward_once=forward_once, spec=spec, positive=positive,
+                         negative=negative, reference=reference)
 
 
 def _record_positive(rec: StateRecorder, a: dict, out: torch.Tensor) -> None:
@@ -292,8 +327,9 @@ def done_count(journal: Path, journal_kwargs: dict) -> int:
 
 def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
             job: SearchJob, on_progress: Callable[[SearchProgress], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> SearchResult:
-    """Run the search to its budget (in this thread), recording status on ``job``."""
+            cancel: Callable[[], bool] | None = None, executor: Executor | None = None) -> SearchResult:
+    """Run the search to its budget (in this thread), recording status on ``job``; ``executor`` evaluates
+    (default: here, in-process; see :func:`.search_remote.ray_executor`)."""
     job.status = "running"
 
     def progress(p: SearchProgress) -> None:
@@ -305,7 +341,8 @@ def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_s
         with Journal.open(journal, **ctx.journal_kwargs) as j:
             res = run_search(j, ctx.sampler, ctx.evaluate, ctx.layers, primary=ctx.primary, max_configs=max_configs,
                              max_seconds=max_seconds, progress=progress,
-                             cancel=lambda: job.stopped() or (cancel is not None and cancel()))
+                             cancel=lambda: job.stopped() or (cancel is not None and cancel()),
+                             executor=executor)
         job.result, job.status = res, res.status
         return res
     except BaseException as e:
@@ -314,7 +351,8 @@ def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_s
 
 
 def start_background(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
-                     on_progress: Callable[[SearchProgress], None] | None = None) -> SearchJob:
+                     on_progress: Callable[[SearchProgress], None] | None = None,
+                     executor: Callable[[], Executor] | None = None) -> SearchJob:
     """Start the job for this journal run, or return the one already running (re-attach)."""
     key = job_key(journal, ctx.journal_kwargs)
     with _JOBS_LOCK:
@@ -325,11 +363,18 @@ def start_background(ctx: SearchContext, journal: Path, *, max_configs: int | No
         JOBS[key] = job
 
         def target() -> None:
+            ex = None
             try:
+                ex = executor() if executor is not None else None
                 run_job(ctx, journal, max_configs=max_configs, max_seconds=max_seconds, job=job,
-                        on_progress=on_progress)
-            except BaseException:  # recorded on the job; the Status node shows it
-                pass
+                        on_progress=on_progress, executor=ex)
+            except BaseException as e:  # recorded on the job; the Status node shows it
+                if job.error is None:
+                    job.status, job.error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
+            finally:
+                close = getattr(ex, "close", None)
+                if close is not None:
+                    close()
 
         job.thread = threading.Thread(target=target, name=f"qua2sedimo-search-{key}", daemon=True)
         job.thread.start()

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
+from ..search.ray_executor import import_ray
 from ..search.report import pareto_png, png_to_array, status_text
 from ..search.sampling import option_set
 from . import comfy_bridge as bridge
@@ -15,6 +16,16 @@ from .sockets import CATEGORY, Config
 from .sockets import Search as SearchSocket
 
 MODES = ["background", "wait", "stop"]
+EXECUTORS = ["in-process", "ray"]
+
+
+def _executor_factory(ctx: jobs.SearchContext, executor: str, address: str, workers: int):
+    """``None`` (in-process) or a function that starts the Ray executor for ``ctx`` (in the job's thread)."""
+    if executor != "ray":
+        return None
+    from .search_remote import ray_executor
+
+    return lambda: ray_executor(ctx, address=address.strip() or None, workers=workers or None)
 
 
 def _journal_path(name: str):
@@ -55,6 +66,14 @@ class Search(io.ComfyNode):
                              tooltip="trajectory states per evaluation (denoise_error)"),
                 io.Int.Input("n_seeds", default=2, min=1, max=64, tooltip="sampling seeds (trajectories)"),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1),
+                io.Combo.Input("executor", options=EXECUTORS, default="in-process",
+                               tooltip="in-process: evaluate here, sharing the model with ComfyUI; ray: evaluate on "
+                               "Ray workers (one per GPU or CPU), results journaled here (needs qua2sedimo[ray])"),
+                io.String.Input("ray_address", default="",
+                                tooltip="ray: empty = start a local cluster on this machine; 'auto' = the cluster "
+                                "this machine joined (ray start); or 'ray://host:10001'"),
+                io.Int.Input("ray_workers", default=0, min=0, max=1024,
+                             tooltip="ray: workers to start (0 = one per GPU, or per CPU without GPUs)"),
             ],
             outputs=[SearchSocket.Output(display_name="search"), io.String.Output(display_name="status")],
             hidden=[io.Hidden.unique_id],
@@ -67,12 +86,18 @@ class Search(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, objective: str, configs: int, minutes: float, seed: int, mode: str,
                 journal: str, steps: int, width: int, height: int, n_states: int, n_seeds: int,
-                cfg: float) -> io.NodeOutput:
+                cfg: float, executor: str = "in-process", ray_address: str = "", ray_workers: int = 0
+                ) -> io.NodeOutput:
         spec = jobs.SearchSpec(objective=objective, seed=seed, n_seeds=n_seeds, n_states=n_states, steps=steps,
                                cfg=cfg, width=width, height=height, options=option_set())
         path = _journal_path(journal)
         node_id = cls.hidden.unique_id
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        if executor == "ray":
+            import_ray()  # a clear error before any preparation when Ray is missing
         ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
+        make_executor = _executor_factory(ctx, executor, ray_address, ray_workers)
         key = jobs.job_key(path, ctx.journal_kwargs)
         handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs, ctx)
         max_seconds = minutes * 60 if minutes > 0 else None
@@ -87,9 +112,14 @@ class Search(io.ComfyNode):
                                  "to watch it")
             bar = bridge.progress_bar(node_id, configs)
             job = jobs.SearchJob(key)
-            jobs.run_job(ctx, path, max_configs=configs, max_seconds=max_seconds, job=job,
-                         on_progress=lambda p: bar.update_absolute(p.done, configs),
-                         cancel=bridge.interrupted)
+            ex = make_executor() if make_executor is not None else None
+            try:
+                jobs.run_job(ctx, path, max_configs=configs, max_seconds=max_seconds, job=job,
+                             on_progress=lambda p: bar.update_absolute(p.done, configs),
+                             cancel=bridge.interrupted, executor=ex)
+            finally:
+                if ex is not None:
+                    ex.close()
             if job.status == "cancelled":
                 bridge.comfy.model_management.throw_exception_if_processing_interrupted()
         else:
@@ -99,7 +129,7 @@ class Search(io.ComfyNode):
 
             if (job is not None and job.running) or jobs.done_count(path, ctx.journal_kwargs) < configs:
                 job = jobs.start_background(ctx, path, max_configs=configs, max_seconds=max_seconds,
-                                            on_progress=on_progress)
+                                            on_progress=on_progress, executor=make_executor)
         text = _status(handle, configs)
         return io.NodeOutput(handle, text, ui=ui.PreviewText(text))
 

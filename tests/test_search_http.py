@@ -102,3 +102,17 @@ def test_full_workflow_search_report_build_sample(comfy_server):
     images = comfy_server.saved_images(entry)
     assert len(images) >= 2  # the sample (output) and the report figures (preview)
     assert any(t.startswith("saved qua2sedimo/knapsack-3.5") for t in texts)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.comfy_server
+def test_search_node_on_a_local_ray_cluster(comfy_server):
+    """executor 'ray': the server starts a local cluster, 2 workers evaluate, the server journals."""
+    pytest.importorskip("ray")
+    journal = comfy_server.base / "models" / "qua2sedimo" / "journals" / "http-ray.sqlite"
+    entry = comfy_server.run(_graph(journal="http-ray", configs=4, mode="wait", executor="ray", ray_workers=2),
+                             timeout=900)
+    status = [t for t in _texts(entry) if "configs evaluated" in t]
+    assert status and all(t.startswith("done: 4/4") for t in status), status
+    assert _rows(journal) == 4
