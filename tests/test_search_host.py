@@ -34,6 +34,12 @@ def test_denoise_error_search_and_resume(comfy_inproc, tiny_models, tmp_path, mo
     names = [la.name for la in ctx.layers]
     fp = ctx.evaluate({n: "fp16" for n in names})
     assert fp["denoise_error"] < 1e-6
+    # no second copy of the model: the search's denoiser holds the MODEL's own parameter tensors
+    from qua2sedimo.nodes import comfy_bridge as bridge
+
+    own = dict(bridge.diffusion_model(mp).named_parameters())
+    shared = dict(ctx.search_dm.named_parameters())
+    assert shared.keys() == own.keys() and all(p.data_ptr() == own[n].data_ptr() for n, p in shared.items())
     w3 = ctx.evaluate({n: "uaq-3" for n in names})
     w4 = ctx.evaluate({n: "uaq-4" for n in names})
     assert 0 < w4["denoise_error"] < w3["denoise_error"]

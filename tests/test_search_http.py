@@ -116,3 +116,28 @@ def test_search_node_on_a_local_ray_cluster(comfy_server):
     status = [t for t in _texts(entry) if "configs evaluated" in t]
     assert status and all(t.startswith("done: 4/4") for t in status), status
     assert _rows(journal) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.comfy_server
+def test_normal_workflow_runs_alongside_a_background_search(comfy_server):
+    """A background search holds no queue slot and no second model copy: a sampling workflow on the same model
+    file runs to its image while the search keeps going; 'stop' then ends the search, keeping its configs."""
+    journal = comfy_server.base / "models" / "qua2sedimo" / "journals" / "http-alongside.sqlite"
+    entry = comfy_server.run(_graph(journal="http-alongside", configs=1000), timeout=600)
+    t0 = time.monotonic()
+    while _rows(journal) < 1:
+        assert time.monotonic() - t0 < 300, "the background search did not start"
+        time.sleep(0.5)
+    sample = comfy_server.run(wa.to_testbed(wa.twin("qua2sedimo-uniform-w4-sample"), **wa.TWIN_MODEL), timeout=600)
+    (png,) = comfy_server.saved_images(sample)
+    assert png.stat().st_size > 1000
+    during = _rows(journal)
+    status = [t for t in _texts(comfy_server.run(_graph(journal="http-alongside", configs=1000), timeout=600))
+              if "configs evaluated" in t]
+    assert status and status[0].startswith("running"), status  # still searching after the sample finished
+    entry = comfy_server.run(_graph(journal="http-alongside", configs=1000, mode="stop"), timeout=600)
+    after = _rows(journal)
+    assert 1 <= during <= after < 1000
+    status = [t for t in _texts(entry) if "configs evaluated" in t]
+    assert status and not status[0].startswith("running"), status
