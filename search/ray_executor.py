@@ -119,11 +119,15 @@ class RayExecutor:
         ray = import_ray()
         if not ray.is_initialized():
             kw = {"include_dashboard": False, "log_to_driver": True, **self.init_kwargs}
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **kw)
             except ConnectionError as e:
-                raise RayExecutorError(f"cannot reach the Ray cluster at {self.address!r}: {e}. Start it with "
-                                       "`ray start --head` (or give no address for a local cluster)") from e
+                why = f"{e}" + (f" ({_cause(e.__cause__)})" if e.__cause__ is not None else "")
+                raise RayExecutorError(f"cannot reach the Ray cluster at {self.address!r}: {why}. Start it with "
+                                       "`ray start --head` (or give no address for a local cluster); for a cluster "
+                                       "with token authentication set RAY_AUTH_MODE=token and its token as Ray's "
+                                       "docs say") from e
         return ray
 
     def n_workers(self) -> int:
@@ -252,6 +256,18 @@ class RayExecutor:
             idle.append(actor)
             _, values, seconds, timings = value
             yield EvalResult(idx, options, values, seconds, timings)
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens on (Ray itself retries for minutes)."""
+    if not address or "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RayExecutorError(f"cannot reach the Ray cluster at {address!r}: {e}. Start it with `ray start --head` "
+                               "(or give no address for a local cluster)") from None
 
 
 def _cause(e: BaseException) -> str:
