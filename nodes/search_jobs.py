@@ -19,6 +19,7 @@ import torch
 
 from ..quant import option_table, quantizable_layers
 from ..quant.layer_table import layers_fingerprint
+from ..quant.quantizers import QUANTIZER_VERSION
 from ..quant.swap import ConfigSwapper
 from ..search.journal import Journal
 from ..search.objectives import DenoiseError, ImageDistance, StateRecorder, TrajectoryStates, states_cache_key
@@ -60,6 +61,7 @@ class SearchSpec:
         d["options"], d["keep"] = list(self.options), list(self.keep)
         d["conditioning"] = conditioning_digest
         d["states_branch"] = "positive"  # denoise_error states: the conditional half of CFG batches
+        d["quantizer"] = QUANTIZER_VERSION  # configs measured with other quantizers are another run
         return d
 
 

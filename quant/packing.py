@@ -13,6 +13,9 @@ Layouts (per row of ``n`` codes; rows are padded with zero codes to a whole numb
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -50,6 +53,25 @@ def _unpack_sub(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+def _pack_np(c: np.ndarray, bits: int, pad: int) -> np.ndarray:
+    """:func:`pack_codes` of uint8 codes in NumPy (little-endian): adjacent codes are read as one wider
+    integer and shifted together, several times faster than per-code shifts."""
+    if pad:
+        c = np.concatenate([c, np.zeros((*c.shape[:-1], pad), np.uint8)], axis=-1)
+    if bits == 8:
+        return np.array(c, copy=True, order="C")
+    c = np.ascontiguousarray(c)
+    if bits == 4:  # v = c0 | c1 << 8 → low byte of v | v >> 4
+        v = c.view(np.uint16)
+        return (v | (v >> 4)).astype(np.uint8)
+    if bits == 2:  # v = c0 | c1 << 8 | c2 << 16 | c3 << 24 → low byte of v | v >> 6 | v >> 12 | v >> 18
+        v = c.view(np.uint32)
+        return (v | (v >> 6) | (v >> 12) | (v >> 18)).astype(np.uint8)
+    lo = _pack_np(c & 3, 2, 0)
+    hi = np.packbits(c >> 2, axis=-1, bitorder="little")
+    return np.concatenate([lo, hi], axis=-1)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer ``codes`` (values in ``[0, 2**bits)``) along the last axis into uint8.
 
@@ -61,10 +83,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() == 0:
         raise ValueError("codes must have at least one dimension")
     n = codes.shape[-1]
-    c = codes.to(torch.int32)
+    c = codes if codes.dtype == torch.uint8 else codes.to(torch.int32)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing: values must lie in [0, {1 << bits})")
     pad = padded_length(n, bits) - n
+    if c.device.type == "cpu" and sys.byteorder == "little":
+        return torch.from_numpy(_pack_np(c.to(torch.uint8).numpy(), bits, pad))
+    c = c.to(torch.int32)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     if bits == 8:

@@ -148,10 +148,13 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
 # continues on the fine coreset, and the final assignment and its exact segment means use the full
 # sorted row. The sort, the atom sums and the codes are the only passes over all weights.
 
+QUANTIZER_VERSION = 3  # bump when any quantizer's output changes: keys option-table caches and search runs
 KMEANS_MAX_ITER = 10  # Lloyd steps on the fine coreset (K-Means-C; later steps gain ≲ 1 % of the error)
 KMEANS_A_MAX_ITER = 300  # K-Means-A is one row, its steps cost microseconds: exact steps to a fixed point
 KMEANS_DRAWS = 4  # k-means++ draws per row (scikit-learn's default for k-means++ is 1)
-KMEANS_COARSE_ITER = 4  # Lloyd steps on the coarse coreset for every initialisation
+KMEANS_COARSE_ITER = 4  # Lloyd steps on the coarse coreset (the first for every initialisation)
+KMEANS_KEEP = KMEANS_DRAWS + 1  # initialisations per row that take the later coarse steps (all; 2 is faster
+# on one thread but costs 0.3–0.6 % of the error)
 KMEANS_EXACT_STEPS = 2  # final Lloyd steps (≥ 1) on the full sorted rows (the last one's assignment → codes)
 _GRID = 128  # logit-spaced grid bounding the coarse coreset's atoms; every 4th point: the seeding coreset
 _TAIL = 32  # single-weight atoms at each end of a sorted row
@@ -259,6 +262,13 @@ def _atom_sums(xs: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _count_below(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``#{j : a[r, j] < t[r, i]}`` for rows ``a`` ([R, M]) sorted ascending and any ``t`` ([R, Q]). (A
+    branchless binary search by gathers is faster on one thread but, with ~30 small ops instead of one,
+    slower with the rows split over two Python threads.)"""
+    return torch.searchsorted(a, t.contiguous())
+
+
 def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """k-means++ (D² sampling) draws on the weighted atoms ``a`` ([R, M] sorted, cumulative weights
     ``pcnt`` [M+1]) of every row, driven by the uniforms ``u`` ([k, R, draws]): sorted seeds
@@ -268,12 +278,14 @@ def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Ten
     c = a.gather(1, torch.searchsorted(pcnt[1:], u[0] * pcnt[-1], right=True).clamp_max_(m - 1))
     seeds = [c]
     pot = (a[:, None, :] - c[:, :, None]).square_().mul_(w)
+    new = torch.empty_like(pot)
     for j in range(1, u.shape[0]):
         cdf = pot.cumsum(dim=2)
         pick = torch.searchsorted(cdf, (u[j] * cdf[:, :, -1])[..., None], right=True).clamp_max_(m - 1)
         c = a.gather(1, pick.view(r, -1))
         seeds.append(c)
-        pot = torch.minimum(pot, (a[:, None, :] - c[:, :, None]).square_().mul_(w))
+        torch.sub(a[:, None, :], c[:, :, None], out=new)
+        pot = torch.minimum(pot, new.square_().mul_(w), out=pot)
     return _sort_last(torch.stack(seeds, dim=2))
 
 
@@ -284,16 +296,26 @@ def _sort_last(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1).values
 
 
-def _segments(a: torch.Tensor, pcnt: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, t: torch.Tensor):
-    """Nearest-centroid segments of the sorted atoms ``a`` ([R, M]) for sorted centroids ``c``
-    ([R, G, k]: G candidate sets per row); atoms below a midpoint go left. ``t`` is a ``[R, G, k+1]``
-    buffer whose first/last columns hold ∓inf. Returns ``(edges [R, G, k+1], counts, sums [R, G, k])``."""
-    r, g, k = c.shape
-    t[..., 1:-1] = (c[..., 1:] + c[..., :-1]) * 0.5
-    e = torch.searchsorted(a, t.view(r, -1))
-    cn = pcnt.gather(1, e).view(r, g, k + 1).diff(dim=2)
-    sm = psum.gather(1, e).view(r, g, k + 1).diff(dim=2)
-    return e.view(r, g, k + 1), cn, sm
+class _Coreset:
+    """Atoms of sorted rows: their means ``a`` ([R, M]), cumulative counts ``cnt`` ([M+1], the same for
+    every row) and cumulative sums ``psum`` ([R, M+1]), in one dtype."""
+
+    def __init__(self, bounds: torch.Tensor, psum: torch.Tensor, dtype: torch.dtype):
+        self.cnt = bounds.to(psum.device, dtype)
+        self.a = (psum.diff(dim=1) / bounds.diff().to(psum.device)).to(dtype)
+        self.psum = psum.to(dtype)
+
+    def segments(self, c: torch.Tensor):
+        """Nearest-centroid segments for sorted centroids ``c`` ([R, G, k]: G candidate sets per row); atoms
+        below a midpoint go left. Returns ``(edges [R, G, k−1], counts, sums [R, G, k])``."""
+        r, g, k = c.shape
+        m = self.a.shape[1]
+        e = _count_below(self.a, ((c[..., 1:] + c[..., :-1]) * 0.5).view(r, -1)).view(r, g, k - 1)
+        ends = torch.empty(r, g, k + 1, dtype=torch.long, device=c.device)
+        ends[..., 0], ends[..., -1], ends[..., 1:-1] = 0, m, e
+        cn = self.cnt[ends].diff(dim=2)
+        sm = self.psum.gather(1, ends.view(r, -1)).view(r, g, k + 1).diff(dim=2)
+        return e, cn, sm
 
 
 def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -301,33 +323,27 @@ def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(cn > 0, sm / cn, c)
 
 
-def _lloyd(bounds: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: int, omega: float = 1.0,
-           dtype: torch.dtype = torch.float32):
-    """At most ``n_iter`` Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the coreset whose
-    atoms end at ``bounds`` ([M+1], in the sorted row) with cumulative sums ``psum`` ([R, M+1], fp64);
-    the steps run in ``dtype``. Returns them with their score ``Σ_j s_j²/n_j`` ([R, G]; SSE = Σx² − score).
+def _lloyd(cs: _Coreset, c: torch.Tensor, n_iter: int, omega: float = 1.0):
+    """At most ``n_iter`` (≥ 1) Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the coreset
+    ``cs``. Returns them with the score ``Σ_j s_j²/n_j`` ([R, G]) of the last step's segments (SSE of those
+    segments at their means = Σx² − score; the returned centroids are those means).
 
     With ``omega > 1`` a row whose assignment still changes moves ``omega`` times the Lloyd step
     (over-relaxation); once its assignment did not change it takes plain steps. A plain step that
     changes nothing is a Lloyd fixed point; the loop ends early when every row is at one.
     """
     r, g, k = c.shape
-    a = (psum.diff(dim=1) / bounds.diff().to(psum.device)).to(dtype)  # atom means
-    pcnt = bounds.to(psum.device, dtype).expand(r, -1)
-    psum = psum.to(dtype)
-    lo, hi = a[:, :1, None], a[:, -1:, None]
-    c = c.to(dtype)
-    t = torch.empty(r, g, k + 1, dtype=dtype, device=c.device)
-    t[..., 0], t[..., -1] = -math.inf, math.inf
-    prev = torch.full((r, g, k + 1), -1, dtype=torch.long, device=c.device)
+    lo, hi = cs.a[:, :1, None], cs.a[:, -1:, None]
+    c = c.to(cs.a.dtype)
+    prev = None
     plain = torch.full((r, g), omega == 1.0, dtype=torch.bool, device=c.device)
     for it in range(n_iter):
-        e, cn, sm = _segments(a, pcnt, psum, c, t)
+        e, cn, sm = cs.segments(c)
         mean = _means(cn, sm, c)
-        if omega == 1.0 and it % 4 != 3:  # plain Lloyd keeps centroids sorted and needs no change test
+        if omega == 1.0 and (it % 4 != 3 or it == n_iter - 1):  # plain Lloyd keeps centroids sorted
             c, prev = mean, e
             continue
-        stable = (e != prev).sum(dim=2) == 0
+        stable = (e == prev).all(dim=2) if prev is not None else torch.zeros_like(plain)
         if bool((stable & plain).all()):
             break
         if omega == 1.0:
@@ -336,14 +352,14 @@ def _lloyd(bounds: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: in
             c = torch.where(stable[..., None], mean, torch.lerp(c, mean, omega).clamp_(lo, hi)).sort(dim=2).values
             plain = stable
         prev = e
-    _, cn, sm = _segments(a, pcnt, psum, c, t)
     return c, torch.where(cn > 0, sm * sm / cn, 0.0).sum(dim=2)
 
 
 def _ceil_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Smallest value of ``dtype`` ≥ ``t`` (so ``w >= result`` ⇔ ``w >= t`` for weights of that dtype)."""
     r = t.to(dtype)
-    return torch.where(r.to(t.dtype) < t, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    r = torch.where(r.to(t.dtype) < t, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    return torch.where(r == 0, torch.full_like(r, -0.0), r)  # −0: the order keys put −0 below +0
 
 
 def _codes(w: torch.Tensor, keys: np.ndarray | None, t: torch.Tensor) -> torch.Tensor:
@@ -378,26 +394,36 @@ def kmeans_codes(
 ):
     """1-D k-means with ``2^bits`` centroids on every row of ``w`` (``[R, K]``, any float dtype) at once.
 
-    The best (lowest SSE) of ``KMEANS_DRAWS`` seeded k-means++ draws and a quantile initialisation after
-    ``KMEANS_COARSE_ITER`` Lloyd steps on a coarse coreset continues with at most ``max_iter`` Lloyd
-    steps on the fine coreset (runs of ``fine_atom`` sorted weights in the bulk, by default
-    ``K / (_FINE_PER_CLUSTER · 2^bits)``; 1 = the row itself).
+    ``KMEANS_DRAWS`` seeded k-means++ draws and a quantile initialisation take a Lloyd step on a coarse
+    coreset; the ``KMEANS_KEEP`` lowest-SSE ones per row take ``KMEANS_COARSE_ITER − 1`` more, and the best
+    continues with at most ``max_iter`` Lloyd steps on the fine coreset (runs of ``fine_atom`` sorted
+    weights in the bulk, by default ``K / (_FINE_PER_CLUSTER · 2^bits)``; 1 = the row itself).
     The final assignment gives the codes (every weight → its nearest centroid) and the table holds the
     exact means of those segments. A row whose assignment stops changing is a Lloyd fixed point; like
     scikit-learn (which stops at a tolerance), long rows may stop just short of one. Rows are split
     over torch's CPU threads; the random draws are made up front, so the result does not depend on it.
     Returns ``(codes uint8 [R, K], centroids fp32 [R, 2^bits])``.
     """
+    codes, lut, _ = _kmeans(w, bits, seed, max_iter, fine_atom)
+    return codes, lut
+
+
+def _kmeans(w: torch.Tensor, bits: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER, fine_atom: int | None = None,
+            lut_dtype: torch.dtype | None = None):
+    """:func:`kmeans_codes`; with ``lut_dtype`` also the error sums ``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` for the
+    table stored in that dtype, from the sorted rows (see :func:`_sorted_error_sums`)."""
     r, k = w.shape
     fine_atom = fine_atom or max(1, k // (_FINE_PER_CLUSTER << bits))
     gen = torch.Generator(device=w.device).manual_seed(int(seed))
     u = torch.rand(1 << bits, r, KMEANS_DRAWS, generator=gen, device=w.device)
-    out = _map_row_blocks(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom), r, w.numel(), w.device)
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    out = _map_row_blocks(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom, lut_dtype), r, w.numel(),
+                          w.device)
+    sums = tuple(float(sum(o[2][i] for o in out)) for i in range(3)) if lut_dtype is not None else None
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), sums
 
 
-def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int):
-    """:func:`kmeans_codes` on a block of rows, with the k-means++ draws' uniforms ``u`` ([k, R, draws])."""
+def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int, lut_dtype: torch.dtype | None):
+    """:func:`_kmeans` on a block of rows, with the k-means++ draws' uniforms ``u`` ([k, R, draws])."""
     r, k = w.shape
     n_clusters = u.shape[0]
     keys = _order_keys(w) if w.device.type == "cpu" else None
@@ -405,18 +431,24 @@ def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int
     fine, coarse, seed = (b.to(w.device) for b in _coreset_bounds(k, fine_atom))
     psum = _atom_sums(xs, fine)
 
-    # initialisations: k-means++ draws on the seeding coreset and quantiles, Lloyd steps on the coarse one
+    # initialisations: k-means++ draws on the seeding coreset and quantiles; a Lloyd step on the coarse
+    # coreset for all of them, more for the best few
     sb, sp = fine[seed], psum.index_select(1, seed)
     a = (sp.diff(dim=1) / sb.diff()).float()
     seeds = _kmeanspp(a, sb.float(), u)
     pos = ((torch.arange(n_clusters, device=w.device) + 0.5) * (k / n_clusters)).long()
     seeds = torch.cat([seeds, xs.index_select(1, pos)[:, None]], dim=1)
-    c, score = _lloyd(fine[coarse], psum.index_select(1, coarse), seeds, KMEANS_COARSE_ITER)
+    cs = _Coreset(fine[coarse], psum.index_select(1, coarse), torch.float32)
+    c, score = _lloyd(cs, seeds, 1)
+    if KMEANS_COARSE_ITER > 1:
+        keep = min(KMEANS_KEEP, c.shape[1])
+        top = score.topk(keep, dim=1).indices[..., None].expand(-1, -1, n_clusters)
+        c, score = _lloyd(cs, c.gather(1, top), KMEANS_COARSE_ITER - 1)
     c = c[torch.arange(r, device=w.device), score.argmax(dim=1), None]
     # the coreset steps only steer (fp32; the exact steps below use fp64 sums); with single-weight
     # atoms (K-Means-A) they are exact Lloyd steps, in fp64, and reach a fixed point
-    fine_dtype = torch.float64 if fine_atom == 1 else torch.float32
-    c = _lloyd(fine, psum, c, max_iter, _OMEGA, fine_dtype)[0][:, 0]
+    cs = _Coreset(fine, psum, torch.float64 if fine_atom == 1 else torch.float32)
+    c = _lloyd(cs, c, max_iter, _OMEGA)[0][:, 0]
 
     # exact Lloyd steps on the full sorted rows; the last assignment gives the codes
     first = xs.index_select(1, fine[:-1])
@@ -424,7 +456,36 @@ def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int
     for _ in range(KMEANS_EXACT_STEPS):
         t = ((c[:, 1:] + c[:, :-1]) * 0.5).float()
         c = _exact_means(xs, fine, psum, first, t, c)
-    return _codes(w, keys, t), c.float()
+    c = c.float()
+    sums = None if lut_dtype is None else _sorted_error_sums(xs, _ceil_to(t, _code_dtype(w)).float(),
+                                                              c.to(lut_dtype).float())
+    return _codes(w, keys, t), c, sums
+
+
+def _code_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`_codes` compares ``w`` in."""
+    return w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def _sorted_error_sums(xs: torch.Tensor, t: torch.Tensor, lut: torch.Tensor) -> tuple[float, float, float]:
+    """``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` over rows whose codes count the thresholds ``t`` ([R, L−1], in the
+    weights' dtype) at or below each weight and ``Q = lut[row, code]``, from the sorted rows ``xs``: code j is
+    the j-th segment of a sorted row, so Q over it is the table row with each entry repeated (sums do not
+    depend on the order). NumPy's pairwise fp32 sums on CPU."""
+    r, k = xs.shape
+    e = _count_below(xs, t)
+    ends = torch.cat([torch.zeros_like(e[:, :1]), e, torch.full_like(e[:, :1], k)], dim=1)
+    n = ends.diff(dim=1).reshape(-1)
+    if xs.device.type != "cpu":
+        d = xs.reshape(-1) - lut.reshape(-1).repeat_interleave(n)
+        d2 = d.square_()
+        return (float(d2.sum(dtype=torch.float64)), float(d2.pow_(LP_NORM / 2).sum(dtype=torch.float64)),
+                float(xs.square().sum(dtype=torch.float64)))
+    x = xs.numpy().reshape(-1)
+    d = np.subtract(x, np.repeat(lut.numpy().reshape(-1), n.numpy()))
+    d *= d
+    sq = float(d.sum())
+    return sq, float(np.power(d, LP_NORM / 2, out=d).sum()), float(np.einsum("i,i->", x, x))
 
 
 def _exact_means(xs: torch.Tensor, fine: torch.Tensor, psum: torch.Tensor, first: torch.Tensor, t: torch.Tensor,
@@ -432,20 +493,19 @@ def _exact_means(xs: torch.Tensor, fine: torch.Tensor, psum: torch.Tensor, first
     """Exact means of the segments of the sorted rows ``xs`` cut at the midpoints ``t`` ([R, k−1]):
     the fine atom holding each midpoint (from the atoms' ``first`` weights), then its weights below it."""
     r, k = xs.shape
-    j = (torch.searchsorted(first, t) - 1).clamp_min_(0)
+    j = (_count_below(first, t) - 1).clamp_min_(0)
     size = fine.diff()
     span = torch.arange(int(size.max()), device=xs.device)
-    idx = (fine[j][..., None] + span).clamp_max_(k - 1)
+    start = fine[j]
+    idx = (start[..., None] + span).clamp_max_(k - 1)
     vals = xs.gather(1, idx.view(r, -1)).view(idx.shape)
     below = (span < size[j][..., None]) & (vals < t[..., None])
     zero = torch.zeros(r, 1, dtype=torch.float64, device=xs.device)
-    cn = torch.cat([zero, (fine[j] + below.sum(dim=2)).double(), zero + k], dim=1).diff(dim=1)
+    cn = torch.cat([zero, (start + below.sum(dim=2)).double(), zero + k], dim=1).diff(dim=1)
     s = psum.gather(1, j) + torch.where(below, vals, 0.0).sum(dim=2, dtype=torch.float64)
     sm = torch.cat([zero, s, psum[:, -1:]], dim=1).diff(dim=1)
     return _means(cn, sm, c)
 
-
-# ------------------------------------------------------------------------------------------ public
 
 
 def quantize_weight(
@@ -467,38 +527,42 @@ def quantize_weight(
     at = f"layer {name!r}: " if name else ""
     shape = tuple(weight.shape)
     n_out, k_in = accounting.n_out_k_in(shape)
-    w = weight.detach().reshape(n_out, k_in).float()
-    if group_size:
-        if method != "uaq":
-            raise ValueError(f"{at}group-wise quantization is only defined for 'uaq', not {method!r}")
-        if group_size <= 0 or k_in % group_size:
-            raise ValueError(
-                f"{at}group size {group_size} does not divide the {k_in} input weights per channel; "
-                "choose a divisor (e.g. 64 or 128) or leave group_size unset"
-            )
-        groups = w.reshape(n_out * (k_in // group_size), group_size)
-        codes, lut = uaq_codes(groups, bits)
-        codes = codes.reshape(n_out, k_in)
-    elif method == "uaq":
-        codes, lut = uaq_codes(w, bits)
-    elif method == "kmeans_c":
-        codes, lut = kmeans_codes(weight.detach().reshape(n_out, k_in), bits, seed=seed)
+    if group_size and method != "uaq":
+        raise ValueError(f"{at}group-wise quantization is only defined for 'uaq', not {method!r}")
+    lut_dtype = lut_dtype_for(weight.dtype)
+    if method == "uaq":
+        w = weight.detach().reshape(n_out, k_in).float()
+        if group_size:
+            if group_size <= 0 or k_in % group_size:
+                raise ValueError(
+                    f"{at}group size {group_size} does not divide the {k_in} input weights per channel; "
+                    "choose a divisor (e.g. 64 or 128) or leave group_size unset"
+                )
+            codes, lut = uaq_codes(w.reshape(n_out * (k_in // group_size), group_size), bits)
+            codes = codes.reshape(n_out, k_in)
+        else:
+            codes, lut = uaq_codes(w, bits)
+        lut = lut.to(lut_dtype)
+        sums = _error_sums(w, codes, lut.float(), group_size)
+    elif method == "kmeans_c":  # errors from the sorted rows (see _sorted_error_sums)
+        codes, lut, sums = _kmeans(weight.detach().reshape(n_out, k_in), bits, seed, lut_dtype=lut_dtype)
+        lut = lut.to(lut_dtype)
     else:
         one_row = weight.detach().reshape(1, -1)
-        codes, lut = kmeans_codes(one_row, bits, seed=seed, max_iter=KMEANS_A_MAX_ITER, fine_atom=1)
-        codes = codes.reshape(n_out, k_in)
+        codes, lut, sums = _kmeans(one_row, bits, seed, KMEANS_A_MAX_ITER, fine_atom=1, lut_dtype=lut_dtype)
+        codes, lut = codes.reshape(n_out, k_in), lut.to(lut_dtype)
     qw = QuantizedWeight(
         codes=pack_codes(codes, bits),
-        lut=lut.to(lut_dtype_for(weight.dtype)).contiguous(),
+        lut=lut.contiguous(),
         method=method,
         bits=bits,
         shape=shape,
         dtype=weight.dtype,
         group_size=group_size or None,
     )
-    sq, lp, norm = _error_sums(w, codes, qw.lut.float(), group_size)
+    sq, lp, norm = sums
     qw.rel_error = sq / norm if norm > 0 else sq
-    qw.lp_error = lp / w.numel()
+    qw.lp_error = lp / weight.numel()
     return qw
 
 
@@ -518,7 +582,7 @@ def _table_lookup(codes: torch.Tensor, lut: torch.Tensor, group_size: int | None
 
 def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_size: int | None):
     """``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` for ``Q = lut[row or group, code]``; on CPU over row blocks in
-    torch's threads, with NumPy's pairwise sums and power (several times faster than torch's here)."""
+    torch's threads, with NumPy's pairwise fp32 sums and power (several times faster than torch's here)."""
     if w.device.type != "cpu":
         d = w - _table_lookup(codes, lut, group_size)
         return (float(d.square().sum(dtype=torch.float64)), float(d.abs_().pow_(LP_NORM).sum(dtype=torch.float64)),
@@ -530,9 +594,9 @@ def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_s
         table = lut[rows.start * per_row : rows.stop * per_row] if per_row else lut
         x = w[rows].contiguous().numpy().reshape(-1)
         d = (w[rows] - _table_lookup(codes[rows], table, group_size)).numpy().reshape(-1)
-        sq, ww = float(np.einsum("i,i->", d, d)), float(np.einsum("i,i->", x, x))
-        d = np.abs(d, out=d)
-        return sq, float(np.power(d, LP_NORM, out=d).sum(dtype=np.float64)), ww
+        d *= d
+        sq = float(d.sum())
+        return sq, float(np.power(d, LP_NORM / 2, out=d).sum()), float(np.einsum("i,i->", x, x))
 
     sums = _map_row_blocks(block, n, w.numel(), w.device)
     return tuple(float(sum(s[i] for s in sums)) for i in range(3))

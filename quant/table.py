@@ -22,7 +22,7 @@ from .atomic import atomic_write_with
 from .layer_table import LayerInfo, dtype_from_name, quantizable_layers, weights_fingerprint
 from .options import OPTIONS, parse_option
 from .packing import packed_length
-from .quantizers import QuantizedWeight, quantize_weight
+from .quantizers import QUANTIZER_VERSION, QuantizedWeight, quantize_weight
 
 TABLE_FORMAT = "qua2sedimo.option_table"
 TABLE_VERSION = 1
@@ -154,11 +154,11 @@ def option_table(
 ) -> OptionTable:
     """Compute every ``option`` of every quantizable layer of ``model`` (errors and sizes included).
 
-    With ``cache_dir`` the table is read from / written to ``option-table-<fingerprint>.safetensors``
-    there; options missing from a cached table are computed and the file is extended. ``progress``
-    receives ``(done, total, label)``; when ``cancel()`` returns True, :class:`OptionTableCancelled`
-    is raised; finished entries are saved (atomically) so the next call resumes. ``device`` (e.g.
-    ``"cuda"``) is where quantization runs.
+    With ``cache_dir`` the table is read from / written to
+    ``option-table-<fingerprint>-q<QUANTIZER_VERSION>.safetensors`` there; options missing from a cached
+    table are computed and the file is extended. ``progress`` receives ``(done, total, label)``; when
+    ``cancel()`` returns True, :class:`OptionTableCancelled` is raised; finished entries are saved (atomically)
+    so the next call resumes. ``device`` (e.g. ``"cuda"``) is where quantization runs.
     ``only`` (``{layer: option}``, e.g. a config's options) restricts the work to those entries.
     """
     options = tuple(options)
@@ -169,7 +169,8 @@ def option_table(
     if not layers:
         raise ValueError("the model has no quantizable Linear/Conv2d layers, so there is nothing to quantize")
     fingerprint = weights_fingerprint(model, layers)
-    path = Path(cache_dir) / f"option-table-{fingerprint}.safetensors" if cache_dir is not None else None
+    path = (Path(cache_dir) / f"option-table-{fingerprint}-q{QUANTIZER_VERSION}.safetensors"
+            if cache_dir is not None else None)
     if path is not None and path.exists():
         table = OptionTable.load(path, fingerprint)
         if table.seed != seed:

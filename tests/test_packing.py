@@ -47,3 +47,16 @@ def test_bad_input():
         unpack_codes(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
     with pytest.raises(ValueError, match="uint8"):
         unpack_codes(torch.zeros(2, 4, dtype=torch.int32), 4, 8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_numpy_and_torch_packing_agree(bits, monkeypatch):
+    # CPU packs in NumPy (wider-integer shifts, little-endian); other devices and big-endian hosts in torch
+    from qua2sedimo.quant import packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (5, 3, 37), generator=g, dtype=torch.uint8)
+    fast = pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "sys", type("sys", (), {"byteorder": "big"}))
+    assert torch.equal(pack_codes(codes, bits), fast)
+    assert torch.equal(pack_codes(codes.long(), bits), fast)

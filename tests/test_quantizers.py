@@ -226,7 +226,28 @@ def test_kmeans_numpy_paths_match_torch_paths(dtype):
     assert torch.equal(quantizers._sorted_rows(w, keys), quantizers._sorted_rows(w, None))
     t = torch.sort(torch.randn(40, 15) * 0.03, dim=1).values
     t[:, 3] = w[:, 7].float()  # thresholds exactly on weights
+    t[:2, 4] = 0.0  # ... and on +0 with −0 and +0 weights in the row (the keys order −0 below +0)
     assert torch.equal(quantizers._codes(w, keys, t), quantizers._codes(w, None, t))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 33, 100, 336])
+def test_count_below_matches_searchsorted(m):
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-5, 5, (6, m), generator=g).float().sort(dim=1).values
+    t = torch.randint(-7, 7, (6, 9), generator=g).float()  # ties with the atoms, below and above all
+    assert torch.equal(quantizers._count_below(a, t), torch.searchsorted(a, t))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_kmeans_error_sums_from_sorted_rows(bits):
+    # K-Means errors come from the sorted rows (segments × stored table): same as the dense computation
+    w = weight(20, 700, dtype=torch.bfloat16)
+    w[3, :9] = 0.0
+    w[4, :9] = -0.0
+    qw = quantize_weight(w, "kmeans_c", bits)
+    d = (w.float() - qw.dequantize(torch.float32)).double()
+    assert qw.rel_error == pytest.approx(float(d.pow(2).sum() / w.double().pow(2).sum()), rel=1e-5)
+    assert qw.lp_error == pytest.approx(float(d.abs().pow(LP_NORM).mean()), rel=1e-5)
 
 
 def test_errors_match_the_dequantized_weight_for_every_method():
