@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--keep-cache", action="store_true", help="reuse the option table (skip its timing)")
     ap.add_argument("--sizes", default="272,384", help="image sides in pixels to time one evaluation at; the first "
                     "is the target's and the search's (the tiny PixArt-Σ needs ≥ 272)")
-    ap.add_argument("--ray-configs", type=int, default=12, help="configs per Ray run (0: skip the Ray scaling)")
+    ap.add_argument("--ray-configs", type=int, default=24, help="configs per Ray run (0: skip the Ray scaling)")
     args = ap.parse_args()
 
     import comfy_host
@@ -137,13 +137,15 @@ def ray_scaling(ctx, jobs, out: Path, n: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     out_[f"in_process_{threads}_threads"] = run(f"inproc-{threads}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for w in (1, 2):
             t0 = time.perf_counter()
             ex = ray_executor(ctx, workers=w)
             ex.start()
             startup = time.perf_counter() - t0
+            warm = {la.name: "uaq-4" for la in ctx.layers}
+            list(ex.run([(-1 - i, warm) for i in range(w)]))  # one config per worker first, as in-process is warm
             with ex:
                 out_[f"ray_{w}_worker"] = {**run(f"ray-{w}", ex), "startup_s": round(startup, 1)}
     finally:

@@ -120,8 +120,8 @@ class RayExecutor:
         if not ray.is_initialized():
             kw = {"include_dashboard": False, "log_to_driver": True, **self.init_kwargs}
             _check_reachable(self.address)
-            try:
-                ray.init(address=self.address, **kw)
+            try:  # "local": a new cluster here, never a stale one named in /tmp/ray/ray_current_cluster
+                ray.init(address=self.address or "local", **kw)
             except ConnectionError as e:
                 why = f"{e}" + (f" ({_cause(e.__cause__)})" if e.__cause__ is not None else "")
                 raise RayExecutorError(f"cannot reach the Ray cluster at {self.address!r}: {why}. Start it with "

@@ -26,8 +26,8 @@ TESTS = Path(__file__).resolve().parent
 def cluster():
     """A local Ray cluster with 2 CPUs; workers find ``ray_toy`` through PYTHONPATH."""
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
 
