@@ -84,17 +84,6 @@ def _ray_cli(comfy_base, journal, cond, configs):
             "--width", "64", "--height", "64", "--executor", "ray", "--ray-workers", "2"]
 
 
-def _indices(journal) -> list[int]:
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return sorted(r[0] for r in con.execute("SELECT idx FROM evals"))
-    finally:
-        con.close()
-
-
 def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path):
     """kill -9 of the driver (the CLI) keeps every journaled config; the same command resumes on Ray."""
     import json
@@ -103,6 +92,7 @@ def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path
 
     import tiny_models as tm
     from safetensors.torch import save_file
+    from test_search_cli import _indices
 
     (pos, _), = tm.conditioning_for("sd15", seed=1)
     (neg, _), = tm.conditioning_for("sd15", seed=2)
