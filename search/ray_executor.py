@@ -16,6 +16,7 @@ Requires the optional extra ``qua2sedimo[ray]``; nothing here imports Ray before
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import socket
 import time
@@ -195,11 +196,15 @@ class RayExecutor:
         pulled from ``jobs`` only when an actor is free, so budgets and cancel act between evaluations; the
         configs in flight when ``jobs`` ends still finish and are yielded.
         """
+        jobs = iter(jobs)
+        first = next(jobs, None)
+        if first is None:  # nothing to do (e.g. the budget is already in the journal): start no actors
+            return
+        jobs = itertools.chain([first], jobs)
         ray = self.connect()
         self.start()
         max_restarts = self.max_restarts if self.max_restarts is not None else 2 * len(self._actors)
         restarts = 0
-        jobs = iter(jobs)
         retry: collections.deque[tuple[int, dict[str, str], int]] = collections.deque()
         idle = list(self._actors)
         in_flight: dict[Any, tuple[Any, int, dict[str, str], int] | tuple[Any, None, None, None]] = {}

@@ -103,6 +103,11 @@ def test_cancel_keeps_configs_in_flight_and_resume_finishes(cluster, cache, tmp_
     same_content(local, remote)
 
 
+def test_nothing_to_do_starts_no_workers(cache):
+    ex = RayExecutor(ray_toy.ToyFactory(cache), workers=2)
+    assert list(ex.run([])) == [] and ex.stats.actors_started == 0
+
+
 def test_objective_errors_are_raised_in_the_driver(cluster, cache):
     opts = {la.name: "uaq-4" for la in ray_toy.toy_layers()}
     with RayExecutor(ray_toy.ToyFactory(cache, fail_on=1), workers=1) as ex:
