@@ -120,3 +120,27 @@ def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path
     assert (summary["status"], summary["executor"], summary["ray"]["workers"]) == ("done", "ray", 2)
     assert summary["done"] == len(done) + 3 and summary["new"] == 3  # done ⊂ 0..len(done)+1: at most 2 in flight
     assert _indices(journal) == list(range(len(done) + 3))
+
+
+def test_image_objective_on_ray_equals_in_process(comfy_inproc, tiny_models, tmp_path, monkeypatch, ray_session):
+    """The 'image' objective ships the FP final latents; full sampling on a worker gives the in-process values."""
+    import comfy.sd
+    import tiny_models as tm
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.nodes.search_remote import ray_executor
+
+    bridge.register_folders()
+    mp = comfy.sd.load_diffusion_model(str(tiny_models["sd15_tiny"]))
+    pos, neg = tm.conditioning_for("sd15", seed=1), tm.conditioning_for("sd15", seed=2)
+    ctx = jobs.prepare(mp, pos, neg, jobs.SearchSpec(objective="image", **SPEC))
+    jobs.run_job(ctx, tmp_path / "local.sqlite", max_configs=2, max_seconds=None, job=jobs.SearchJob("local"))
+    with ray_executor(ctx, workers=1, init_kwargs=dict(num_cpus=2, object_store_memory=300 * 2**20)) as ex:
+        jobs.run_job(ctx, tmp_path / "ray.sqlite", max_configs=2, max_seconds=None, job=jobs.SearchJob("ray"),
+                     executor=ex)
+    local, remote = _records(tmp_path / "local.sqlite", ctx), _records(tmp_path / "ray.sqlite", ctx)
+    assert sorted(remote) == [0, 1]
+    for i in (0, 1):
+        assert remote[i].options == local[i].options and remote[i].values["image_nmse"] > 0
+        assert remote[i].values == pytest.approx(local[i].values, rel=1e-4)
