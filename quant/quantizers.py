@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -264,15 +265,14 @@ def _atom_sums(xs: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
 
 def _count_below(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``#{j : a[r, j] < t[r, i]}`` for rows ``a`` ([R, M]) sorted ascending and any ``t`` ([R, Q]). (A
-    branchless binary search by gathers is faster on one thread but, with ~30 small ops instead of one,
-    slower with the rows split over two Python threads.)"""
+    branchless binary search by gathers is no faster, even compiled: ~30 small ops instead of one.)"""
     return torch.searchsorted(a, t.contiguous())
 
 
 def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """k-means++ (D² sampling) draws on the weighted atoms ``a`` ([R, M] sorted, cumulative weights
-    ``pcnt`` [M+1]) of every row, driven by the uniforms ``u`` ([k, R, draws]): sorted seeds
-    ``[R, draws, k]``."""
+    ``pcnt`` [M+1]) of every row, driven by the uniforms ``u`` ([k, R, draws]): seeds ``[R, draws, k]``, unsorted
+    (see :func:`_sort_last`)."""
     r, m = a.shape
     w = pcnt.diff()
     c = a.gather(1, torch.searchsorted(pcnt[1:], u[0] * pcnt[-1], right=True).clamp_max_(m - 1))
@@ -286,7 +286,7 @@ def _kmeanspp(a: torch.Tensor, pcnt: torch.Tensor, u: torch.Tensor) -> torch.Ten
         seeds.append(c)
         torch.sub(a[:, None, :], c[:, :, None], out=new)
         pot = torch.minimum(pot, new.square_().mul_(w), out=pot)
-    return _sort_last(torch.stack(seeds, dim=2))
+    return torch.stack(seeds, dim=2)
 
 
 def _sort_last(x: torch.Tensor) -> torch.Tensor:
@@ -296,26 +296,39 @@ def _sort_last(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1).values
 
 
-class _Coreset:
-    """Atoms of sorted rows: their means ``a`` ([R, M]), cumulative counts ``cnt`` ([M+1], the same for
-    every row) and cumulative sums ``psum`` ([R, M+1]), in one dtype."""
+def _draws(psum: torch.Tensor, fine: torch.Tensor, seed: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`_kmeanspp` on the seeding coreset (``seed``: its bounds among the ``fine`` atoms, whose cumulative
+    sums are ``psum``)."""
+    sb, sp = fine[seed], psum.index_select(1, seed)
+    return _kmeanspp((sp.diff(dim=1) / sb.diff()).float(), sb.float(), u)
 
-    def __init__(self, bounds: torch.Tensor, psum: torch.Tensor, dtype: torch.dtype):
-        self.cnt = bounds.to(psum.device, dtype)
-        self.a = (psum.diff(dim=1) / bounds.diff().to(psum.device)).to(dtype)
-        self.psum = psum.to(dtype)
 
-    def segments(self, c: torch.Tensor):
-        """Nearest-centroid segments for sorted centroids ``c`` ([R, G, k]: G candidate sets per row); atoms
-        below a midpoint go left. Returns ``(edges [R, G, k−1], counts, sums [R, G, k])``."""
-        r, g, k = c.shape
-        m = self.a.shape[1]
-        e = _count_below(self.a, ((c[..., 1:] + c[..., :-1]) * 0.5).view(r, -1)).view(r, g, k - 1)
-        ends = torch.empty(r, g, k + 1, dtype=torch.long, device=c.device)
-        ends[..., 0], ends[..., -1], ends[..., 1:-1] = 0, m, e
-        cn = self.cnt[ends].diff(dim=2)
-        sm = self.psum.gather(1, ends.view(r, -1)).view(r, g, k + 1).diff(dim=2)
-        return e, cn, sm
+def _coreset(bounds: torch.Tensor, psum: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Atoms of sorted rows cut at ``bounds`` (from the cumulative sums ``psum`` at them, [R, M+1]): their
+    cumulative counts ``cnt`` ([M+1], the same for every row), means ``a`` ([R, M]) and cumulative sums
+    ([R, M+1]), in one dtype."""
+    cnt = bounds.to(psum.device, dtype)
+    a = (psum.diff(dim=1) / bounds.diff().to(psum.device)).to(dtype)
+    return cnt, a, psum.to(dtype)
+
+
+def _segments(cnt: torch.Tensor, a: torch.Tensor, psum: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Nearest-centroid segments of the :func:`_coreset` ``(cnt, a, psum)`` for sorted centroids ``c``
+    ([R, G, k]: G candidate sets per row); atoms below a midpoint go left. Returns ``(edges [R, G, k−1],
+    counts, sums [R, G, k])``."""
+    r, g, k = c.shape
+    m = a.shape[1]
+    e = _count_below(a, ((c[..., 1:] + c[..., :-1]) * 0.5).view(r, -1)).view(r, g, k - 1)
+    ends = torch.empty(r, g, k + 1, dtype=torch.long, device=c.device)
+    ends[..., 0] = 0
+    ends[..., -1] = m
+    ends[..., 1:-1] = e
+    cn = cnt.take(ends).diff(dim=2)
+    sm = psum.gather(1, ends.view(r, -1)).view(r, g, k + 1).diff(dim=2)
+    return e, cn, sm
 
 
 def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -323,36 +336,90 @@ def _means(cn: torch.Tensor, sm: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(cn > 0, sm / cn, c)
 
 
-def _lloyd(cs: _Coreset, c: torch.Tensor, n_iter: int, omega: float = 1.0):
-    """At most ``n_iter`` (≥ 1) Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the coreset
-    ``cs``. Returns them with the score ``Σ_j s_j²/n_j`` ([R, G]) of the last step's segments (SSE of those
-    segments at their means = Σx² − score; the returned centroids are those means).
+def _lloyd(cnt: torch.Tensor, a: torch.Tensor, psum: torch.Tensor, c: torch.Tensor, n_iter: int,
+           omega: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``n_iter`` (≥ 1) Lloyd steps for the candidate centroids ``c`` ([R, G, k]) on the
+    :func:`_coreset` ``(cnt, a, psum)``. Returns them with the score ``Σ_j s_j²/n_j`` ([R, G]) of the last
+    step's segments (SSE of those segments at their means = Σx² − score; the returned centroids are those
+    means).
 
     With ``omega > 1`` a row whose assignment still changes moves ``omega`` times the Lloyd step
     (over-relaxation); once its assignment did not change it takes plain steps. A plain step that
     changes nothing is a Lloyd fixed point; the loop ends early when every row is at one.
     """
     r, g, k = c.shape
-    lo, hi = cs.a[:, :1, None], cs.a[:, -1:, None]
-    c = c.to(cs.a.dtype)
-    prev = None
+    lo, hi = a[:, :1, None], a[:, -1:, None]
+    c = c.to(a.dtype)
+    prev = torch.empty(0, dtype=torch.long, device=c.device)
     plain = torch.full((r, g), omega == 1.0, dtype=torch.bool, device=c.device)
+    e, cn, sm = _segments(cnt, a, psum, c)
     for it in range(n_iter):
-        e, cn, sm = cs.segments(c)
+        if it > 0:
+            e, cn, sm = _segments(cnt, a, psum, c)
         mean = _means(cn, sm, c)
         if omega == 1.0 and (it % 4 != 3 or it == n_iter - 1):  # plain Lloyd keeps centroids sorted
             c, prev = mean, e
             continue
-        stable = (e == prev).all(dim=2) if prev is not None else torch.zeros_like(plain)
+        stable = (e == prev).all(dim=2) if it > 0 else torch.zeros_like(plain)
         if bool((stable & plain).all()):
             break
         if omega == 1.0:
             c = mean
         else:
-            c = torch.where(stable[..., None], mean, torch.lerp(c, mean, omega).clamp_(lo, hi)).sort(dim=2).values
+            c = torch.where(stable[..., None], mean, torch.lerp(c, mean, omega).clamp_(lo, hi))
+            if bool((c[..., 1:] < c[..., :-1]).any()):  # over-relaxed steps may cross
+                c = c.sort(dim=2).values
             plain = stable
         prev = e
     return c, torch.where(cn > 0, sm * sm / cn, 0.0).sum(dim=2)
+
+
+def _kmeans_steps(xs: torch.Tensor, psum: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor,
+                  seeds: torch.Tensor, max_iter: int, exact: bool, coarse_iter: int, keep: int, exact_steps: int,
+                  omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lloyd steps of :func:`_kmeans_rows` on sorted rows ``xs`` with their fine atoms' cumulative sums
+    ``psum``, from the sorted k-means++ ``seeds`` ([R, draws, k]); the module constants come as arguments.
+    Returns the last assignment's midpoints ``t`` ([R, k−1], fp32) and the exact means of its segments
+    (fp32). Compiled by :func:`_compiled` where it can be."""
+    r, k = xs.shape
+    n_clusters = seeds.shape[2]
+    # initialisations: k-means++ draws on the seeding coreset and quantiles; a Lloyd step on the coarse
+    # coreset for all of them, more for the best few
+    pos = ((torch.arange(n_clusters, device=xs.device) + 0.5) * (k / n_clusters)).long()
+    seeds = torch.cat([seeds, xs.index_select(1, pos)[:, None]], dim=1)
+    cnt, a, ps = _coreset(fine[coarse], psum.index_select(1, coarse), torch.float32)
+    c, score = _lloyd(cnt, a, ps, seeds, 1)
+    if coarse_iter > 1:
+        top = score.topk(min(keep, c.shape[1]), dim=1).indices[..., None].expand(-1, -1, n_clusters)
+        c, score = _lloyd(cnt, a, ps, c.gather(1, top), coarse_iter - 1)
+    c = c.gather(1, score.argmax(dim=1)[:, None, None].expand(-1, 1, n_clusters))
+    # the coreset steps only steer (fp32; the exact steps below use fp64 sums); with single-weight
+    # atoms (K-Means-A) they are exact Lloyd steps, in fp64, and reach a fixed point
+    cnt, a, ps = _coreset(fine, psum, torch.float64 if exact else torch.float32)
+    c = _lloyd(cnt, a, ps, c, max_iter, omega)[0][:, 0]
+
+    # exact Lloyd steps on the full sorted rows; the last assignment gives the codes
+    first = xs.index_select(1, fine[:-1])
+    c = c.double()
+    t = ((c[:, 1:] + c[:, :-1]) * 0.5).float()
+    for i in range(exact_steps):
+        if i > 0:
+            t = ((c[:, 1:] + c[:, :-1]) * 0.5).float()
+        c = _exact_means(xs, fine, psum, first, t, c)
+    return t, c.float()
+
+
+@functools.cache
+def _compiled() -> tuple[Callable, Callable]:
+    """:func:`_draws` and :func:`_kmeans_steps` compiled by TorchScript: the steps are hundreds of small ops,
+    and compiled they run without Python (nor its GIL, which the row blocks' threads otherwise wait on);
+    the Python functions where TorchScript is unavailable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(_draws), torch.jit.script(_kmeans_steps)
+    except Exception:  # TorchScript is deprecated (and may go): the same code runs as Python
+        return _draws, _kmeans_steps
 
 
 def _ceil_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -416,47 +483,27 @@ def _kmeans(w: torch.Tensor, bits: int, seed: int = 0, max_iter: int = KMEANS_MA
     fine_atom = fine_atom or max(1, k // (_FINE_PER_CLUSTER << bits))
     gen = torch.Generator(device=w.device).manual_seed(int(seed))
     u = torch.rand(1 << bits, r, KMEANS_DRAWS, generator=gen, device=w.device)
-    out = _map_row_blocks(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom, lut_dtype), r, w.numel(),
-                          w.device)
+    fns = _compiled()
+    out = _map_row_blocks(lambda s: _kmeans_rows(w[s], u[:, s], max_iter, fine_atom, lut_dtype, fns), r,
+                          w.numel(), w.device)
     sums = tuple(float(sum(o[2][i] for o in out)) for i in range(3)) if lut_dtype is not None else None
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), sums
 
 
-def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int, lut_dtype: torch.dtype | None):
-    """:func:`_kmeans` on a block of rows, with the k-means++ draws' uniforms ``u`` ([k, R, draws])."""
+def _kmeans_rows(w: torch.Tensor, u: torch.Tensor, max_iter: int, fine_atom: int, lut_dtype: torch.dtype | None,
+                 fns: tuple[Callable, Callable]):
+    """:func:`_kmeans` on a block of rows, with the k-means++ draws' uniforms ``u`` ([k, R, draws]) and
+    :func:`_draws` and :func:`_kmeans_steps` (or their compiled forms) ``fns``."""
     r, k = w.shape
-    n_clusters = u.shape[0]
     keys = _order_keys(w) if w.device.type == "cpu" else None
     xs = _sorted_rows(w, keys)
     fine, coarse, seed = (b.to(w.device) for b in _coreset_bounds(k, fine_atom))
     psum = _atom_sums(xs, fine)
-
-    # initialisations: k-means++ draws on the seeding coreset and quantiles; a Lloyd step on the coarse
-    # coreset for all of them, more for the best few
-    sb, sp = fine[seed], psum.index_select(1, seed)
-    a = (sp.diff(dim=1) / sb.diff()).float()
-    seeds = _kmeanspp(a, sb.float(), u)
-    pos = ((torch.arange(n_clusters, device=w.device) + 0.5) * (k / n_clusters)).long()
-    seeds = torch.cat([seeds, xs.index_select(1, pos)[:, None]], dim=1)
-    cs = _Coreset(fine[coarse], psum.index_select(1, coarse), torch.float32)
-    c, score = _lloyd(cs, seeds, 1)
-    if KMEANS_COARSE_ITER > 1:
-        keep = min(KMEANS_KEEP, c.shape[1])
-        top = score.topk(keep, dim=1).indices[..., None].expand(-1, -1, n_clusters)
-        c, score = _lloyd(cs, c.gather(1, top), KMEANS_COARSE_ITER - 1)
-    c = c[torch.arange(r, device=w.device), score.argmax(dim=1), None]
-    # the coreset steps only steer (fp32; the exact steps below use fp64 sums); with single-weight
-    # atoms (K-Means-A) they are exact Lloyd steps, in fp64, and reach a fixed point
-    cs = _Coreset(fine, psum, torch.float64 if fine_atom == 1 else torch.float32)
-    c = _lloyd(cs, c, max_iter, _OMEGA)[0][:, 0]
-
-    # exact Lloyd steps on the full sorted rows; the last assignment gives the codes
-    first = xs.index_select(1, fine[:-1])
-    c = c.double()
-    for _ in range(KMEANS_EXACT_STEPS):
-        t = ((c[:, 1:] + c[:, :-1]) * 0.5).float()
-        c = _exact_means(xs, fine, psum, first, t, c)
-    c = c.float()
+    draws, steps = fns
+    with torch.jit.optimized_execution(False):  # run as written: no profiling runs, no rewrites
+        seeds = _sort_last(draws(psum, fine, seed, u))
+        t, c = steps(xs, psum, fine, coarse, seeds, max_iter, fine_atom == 1, KMEANS_COARSE_ITER, KMEANS_KEEP,
+                     KMEANS_EXACT_STEPS, _OMEGA)
     sums = None if lut_dtype is None else _sorted_error_sums(xs, _ceil_to(t, _code_dtype(w)).float(),
                                                               c.to(lut_dtype).float())
     return _codes(w, keys, t), c, sums

@@ -266,3 +266,17 @@ def test_finite_check_only_rejects_nan_and_inf():
     w[3, 5] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_weight(w, "kmeans_c", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kmeans_compiled_steps_match_python(monkeypatch, dtype):
+    # the Lloyd steps run compiled by TorchScript where it is available (no Python, no GIL between the row
+    # blocks' threads); the same functions run as Python where it is not: both must agree exactly
+    assert quantizers._compiled()[1] is not quantizers._kmeans_steps  # the compiled path is the one measured
+    w = weight(40, 700, dtype=dtype)
+    fast = [kmeans_codes(w, b, seed=2) for b in (3, 4)] + [quantize_weight(w, "kmeans_a", 3)]
+    monkeypatch.setattr(quantizers, "_compiled", lambda: (quantizers._draws, quantizers._kmeans_steps))
+    slow = [kmeans_codes(w, b, seed=2) for b in (3, 4)] + [quantize_weight(w, "kmeans_a", 3)]
+    for (c1, l1), (c2, l2) in zip(fast[:2], slow[:2], strict=True):
+        assert torch.equal(c1, c2) and torch.equal(l1, l2)
+    assert torch.equal(fast[2].codes, slow[2].codes) and torch.equal(fast[2].lut, slow[2].lut)
