@@ -189,8 +189,13 @@ def _map_row_blocks(fn: Callable[[slice], Any], n_rows: int, size: int, device: 
     with _one_torch_thread(device):
         if len(parts) == 1:
             return [fn(parts[0])]
-        with ThreadPoolExecutor(len(parts)) as pool:
-            return list(pool.map(fn, parts))
+        return list(_pool(len(parts)).map(fn, parts))
+
+
+@functools.cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A thread pool kept for the process (starting threads costs milliseconds per call)."""
+    return ThreadPoolExecutor(n, thread_name_prefix="qua2sedimo-rows")
 
 
 def _flip16(bits: np.ndarray) -> np.ndarray:
