@@ -21,7 +21,7 @@ from ..search.predictor import FeatureBuilder, compare, train_baseline, train_pr
 from ..search.report import aggregate_insights, chosen_options_png, insight_figures, pareto_png, report_json
 from ..search.runner import config_size
 from ..search.sampling import config_key
-from ..search.scores import unit_scores
+from ..search.scores import VariantScore, unit_scores
 from .search_jobs import SearchHandle
 
 DEFAULT_TARGETS = (3.5, 4.0)
@@ -160,19 +160,7 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     return result
 
 
-@dataclass(frozen=True)
-class _MarginalScore:
-    unit: str
-    level: str
-    op_type: str
-    block_category: str
-    block_index: int
-    members: tuple[str, ...]
-    variant: tuple[str, ...]
-    score: float
-
-
-def marginal_scores(ensemble, op_scores: Sequence, context: dict[str, str]) -> list[_MarginalScore]:
+def marginal_scores(ensemble, op_scores: Sequence, context: dict[str, str]) -> list[VariantScore]:
     """Per layer and option: how much the predicted log objective improves when that layer alone takes the
     option, all other layers as in ``context`` (higher is better). Summed over layers this is a first-order
     model of the predictor around ``context``, so a knapsack over it minimizes the predicted objective."""
@@ -186,8 +174,8 @@ def marginal_scores(ensemble, op_scores: Sequence, context: dict[str, str]) -> l
             keys.append((unit, v))
     pred = np.log(np.maximum(ensemble.predict(configs), 1e-30))
     base = pred[0]
-    return [_MarginalScore(u, "op", units[u].op_type, units[u].block_category, units[u].block_index,
-                           tuple(units[u].members), v, float(base - p))
+    return [VariantScore(u, "op", units[u].op_type, units[u].block_category, units[u].block_index,
+                         tuple(units[u].members), v, float(base - p))
             for (u, v), p in zip(keys, pred[1:], strict=True)]
 
 

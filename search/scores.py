@@ -31,12 +31,13 @@ import torch
 from .graph import LayerGraph, Unit
 from .predictor import PredictorEnsemble
 
-__all__ = ["UnitScore", "insights", "unit_scores", "unit_variants"]
+__all__ = ["UnitScore", "VariantScore", "insights", "unit_scores", "unit_variants"]
 
 
 @dataclass(frozen=True)
-class UnitScore:
-    """The score of one variant of one unit."""
+class VariantScore:
+    """A score for one variant (one option per member layer) of one unit: what config construction reads
+    (``search.construct.UnitScoreLike``)."""
 
     unit: str
     level: str  # "op" | "block"
@@ -46,6 +47,12 @@ class UnitScore:
     members: tuple[str, ...]  # the unit's layer names (as ``graph.Unit.members``)
     variant: tuple[str, ...]  # one option per member
     score: float
+
+
+@dataclass(frozen=True)
+class UnitScore(VariantScore):
+    """The score of one variant of one unit, with the variant's size and the hop depth scored."""
+
     bits: float  # average bits of the variant over the unit's layers
     nbytes: int  # bytes of the unit's layers under the variant
     hop: int  # hop depth used (min(unit hop, predictor layers))

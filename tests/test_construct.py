@@ -2,7 +2,6 @@ import dataclasses
 import itertools
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -20,22 +19,12 @@ from qua2sedimo.search.construct import (
     pareto_sweep,
 )
 from qua2sedimo.search.journal import Journal
+from qua2sedimo.search.scores import VariantScore
 
 EPS = 1e-9
 
 
-@dataclass(frozen=True)
-class US:
-    """A local stand-in for search.scores.UnitScore."""
-
-    unit: str
-    level: str
-    op_type: str
-    block_category: str
-    block_index: int
-    members: tuple[str, ...]
-    variant: tuple[str, ...]
-    score: float
+US = VariantScore  # a unit score without size fields
 
 
 def make_instance(rng, unit_sizes, *, dims=(8, 96), level=None, options=OPTIONS, uncovered=0):

@@ -1,7 +1,6 @@
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -24,20 +23,12 @@ from qua2sedimo.search.report import (
     status_text,
 )
 from qua2sedimo.search.sampling import config_key
+from qua2sedimo.search.scores import VariantScore
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@dataclass(frozen=True)
-class US:
-    unit: str
-    level: str
-    op_type: str
-    block_category: str
-    block_index: int
-    members: tuple[str, ...]
-    variant: tuple[str, ...]
-    score: float
+US = VariantScore  # a unit score without size fields
 
 
 OPS = ("SA-Q", "SA-K", "FF1", "FF2")
