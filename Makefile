@@ -5,8 +5,17 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.qua2sedimo-deps
 HOST_ENV := $(VENV)/.qua2sedimo-host.env
 PYTEST_ARGS ?=
+# The second host, ComfyUI 0.33.0: its own virtualenv (its requirements conflict with 0.3.75's).
+VENV033 ?= .venv-comfy033
+PY033 := $(VENV033)/bin/python
+DEPS033 := $(VENV033)/.qua2sedimo-deps
+HOST033_ENV := $(VENV033)/.qua2sedimo-host.env
+COMFY033_TARBALL ?= $(or $(QUA2SEDIMO_COMFY033_TARBALL),../shared/hosts/comfyui-0.33.0-783545f.tar.xz)
+# What runs on 0.33: every test that needs a ComfyUI host (in-process, over HTTP, Ray workers); the pure
+# quant/search unit tests do not touch ComfyUI and run once, on the first pass.
+HOST033_SELECT ?= -m "comfy_inproc or comfy_server"
 
-.PHONY: test unit demo bench lint venv host clean
+.PHONY: test test-host033 unit demo bench lint venv host host033 clean
 
 venv: $(DEPS)
 
@@ -24,8 +33,34 @@ host: $(HOST_ENV)
 $(HOST_ENV): $(DEPS) .ci/install_comfy_host.sh
 	bash .ci/install_comfy_host.sh $(PY) > $@.tmp && mv $@.tmp $@
 
+# Both hosts: the whole suite on 0.3.75, then the host tests on 0.33.0 (skipped with one line where its tarball
+# is absent, i.e. outside CI; CI sets QUA2SEDIMO_REQUIRE_HOST and fails instead).
 test: host
 	set -a && . ./$(HOST_ENV) && set +a && $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-host033
+
+$(DEPS033): pyproject.toml requirements.txt .ci/constraints.txt
+	test -x $(PY033) || $(PYTHON) -m venv $(VENV033)
+	$(PY033) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(PY033) -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
+	$(PY033) -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
+	touch $@
+
+host033: $(HOST033_ENV)
+$(HOST033_ENV): $(DEPS033) .ci/install_comfy_host.sh
+	QUA2SEDIMO_COMFY033_TARBALL=$(abspath $(COMFY033_TARBALL)) \
+	  bash .ci/install_comfy_host.sh $(PY033) 0.33.0 > $@.tmp && mv $@.tmp $@
+
+test-host033:
+	@if [ -f "$(COMFY033_TARBALL)" ]; then \
+	  $(MAKE) --no-print-directory host033 && \
+	  set -a && . ./$(HOST033_ENV) && set +a && $(PY033) -m pytest $(HOST033_SELECT) $(PYTEST_ARGS); \
+	elif [ -n "$$QUA2SEDIMO_REQUIRE_HOST" ]; then \
+	  echo "ComfyUI 0.33.0 host tests: $(COMFY033_TARBALL) is missing, but QUA2SEDIMO_REQUIRE_HOST is set (CI)"; \
+	  exit 1; \
+	else \
+	  echo "ComfyUI 0.33.0 host tests skipped: no $(COMFY033_TARBALL) (only CI has it; or set QUA2SEDIMO_COMFY033_TARBALL)"; \
+	fi
 
 unit: venv
 	$(PY) -m pytest -m "not comfy_inproc and not comfy_server" $(PYTEST_ARGS)
@@ -41,4 +76,4 @@ lint: venv
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VENV033) demo-output .pytest_cache

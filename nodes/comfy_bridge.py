@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import inspect
 import os
 import re
 from pathlib import Path
@@ -34,7 +36,9 @@ QUANTIZED_FOLDER = "qua2sedimo_quantized"  # where Load Quantized looks (ours + 
 
 
 def register_folders() -> None:
-    """Register ``models/qua2sedimo`` (configs, quantized models) and the output folder for loading."""
+    """Register ``models/qua2sedimo`` (configs, quantized models) and the output folder for loading, and the
+    guard that keeps a bypass LoRA from being dropped on a quantized model."""
+    _guard_bypass_lora()
     base = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([base], {".json"})
@@ -122,6 +126,69 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
+def _independent_copy(module: nn.Module, skip: str | None = None) -> nn.Module:
+    """A copy of the module tree with its own Parameter objects over the same storage: no memory while both stay
+    where they are, and moving one (``param.data = …`` in ``Module.to``, ComfyUI's loading/offloading) leaves the
+    other's weights in place. The child ``skip`` is left out (the caller sets it)."""
+    new = copy.copy(module)
+    new._parameters = {k: (None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad))
+                       for k, p in module._parameters.items()}
+    new._buffers = dict(module._buffers)
+    new._modules = {k: (_independent_copy(v) if v is not None else None)
+                    for k, v in module._modules.items() if k != skip}
+    return new
+
+
+# What ComfyUI's model patchers keep on the BaseModel instance (loaded memory, low-VRAM counters, the dynamic-VRAM
+# state of 0.33: vbars, pins, backup buffers, registered patchers). A new BaseModel starts without any of it.
+# BaseModel's own ``device``/``current_patcher`` start as None; the patcher's constructor sets the rest.
+_PATCHER_STATE_ON_MODEL = (
+    "device", "current_patcher", "model_loaded_weight_memory", "lowvram_patch_counter", "model_lowvram",
+    "current_weight_patches_uuid", "model_offload_buffer_memory", "dynamic_vbars", "dynamic_pins", "dynamic_patchers",
+)
+_RESET_TO_NONE = ("device", "current_patcher")
+
+
+def _without_patcher_state(state: dict) -> dict:
+    return {k: (None if k in _RESET_TO_NONE else v) for k, v in state.items()
+            if k not in _PATCHER_STATE_ON_MODEL or k in _RESET_TO_NONE}
+
+
+def _own_base_model(model, diffusion: nn.Module):
+    """A BaseModel for ``diffusion`` that shares no mutable state with ``model.model``: its own modules and
+    Parameter objects (same storage), none of the source patcher's load/offload bookkeeping."""
+    base = _independent_copy(model.model, skip="diffusion_model")
+    base.__dict__ = _without_patcher_state(base.__dict__)
+    base.diffusion_model = diffusion
+    return base
+
+
+def _patcher_around(model, base):
+    """A clone of the MODEL's patcher (patches, options, wrappers…) around another BaseModel, with fresh
+    backups and, on ComfyUI with dynamic VRAM, its own dynamic state (built by the patcher's own constructor)."""
+    if "model_override" in inspect.signature(model.clone).parameters:  # ComfyUI ≥ 0.4: clone onto another model
+        _, backups = model.get_clone_model_override()
+        out = model.clone(model_override=(base, tuple(type(b)() for b in backups)))
+    else:  # ComfyUI 0.3.x: clone() wraps the same BaseModel; retarget it and drop shared backups
+        out = model.clone()
+        out.model = base
+        for name in ("backup", "backup_buffers", "object_patches_backup"):
+            if hasattr(out, name):
+                setattr(out, name, {})
+        if hasattr(out, "pinned"):
+            out.pinned = set()
+        comfy.model_patcher.ModelPatcher(base, out.load_device, out.offload_device)  # initialises base's state
+    forget_loader(out)
+    return out
+
+
+def forget_loader(model) -> None:
+    """Drop the source loader ComfyUI 0.33 keeps for rebuilding a MODEL (multi-GPU clones, non-dynamic delegates):
+    rebuilding from it would silently give the full-precision model; without it ComfyUI says it cannot."""
+    if getattr(model, "cached_patcher_init", None) is not None:
+        model.cached_patcher_init = None
+
+
 def _patched_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, torch.Tensor]:
     """Weights with the MODEL's pending LoRA/weight patches applied, for the layers to quantize."""
     out = {}
@@ -135,14 +202,31 @@ def _patched_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, tor
     return out
 
 
-def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | None = None):
-    """A new MODEL whose denoiser holds packed weights as ``config`` says; ``model`` is untouched.
+BYPASS_BEFORE_QUANT = (
+    "this MODEL carries forward injections ({keys}) - e.g. from 'Load LoRA (Bypass)' - which add the LoRA in the "
+    "forward pass of the full-precision layers; Apply Config cannot bake them into quantized weights and would drop "
+    "them. Use the normal 'Load LoRA' node before Qua2SeDiMo Apply Config (its patches are baked into the weights "
+    "before quantization)."
+)
 
-    LoRA/weight patches already on the input are baked into the weights before quantization.
+
+def _refuse_injections(model) -> None:
+    injections = {k: v for k, v in (getattr(model, "injections", None) or {}).items() if v}
+    if injections:
+        raise ValueError(BYPASS_BEFORE_QUANT.format(keys=", ".join(sorted(injections))))
+
+
+def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | None = None):
+    """A new MODEL whose denoiser holds packed weights as ``config`` says; ``model`` is untouched and shares no
+    mutable state with the result (module tree, Parameter objects, patcher and dynamic-VRAM state are its own).
+
+    LoRA/weight patches already on the input are baked into the weights before quantization; forward injections
+    (bypass LoRA) are refused with a clear error rather than dropped.
     """
     dm = diffusion_model(model)
     config.check_model(dm)
-    new_dm = _shallow_copy(dm)
+    _refuse_injections(model)
+    new_dm = _independent_copy(dm)
     patched = _patched_weights(model, dm, config)
     for name, w in patched.items():
         new_dm.get_submodule(name).weight = nn.Parameter(w, requires_grad=False)
@@ -153,13 +237,8 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
                              only=config.options)
     summary = quantize_(new_dm, config, table=table, act_bits=act_bits)
     new_dm.qua2sedimo_config = config
-    base = copy.copy(model.model)
-    base._modules = dict(model.model._modules)
-    base._parameters = dict(model.model._parameters)
-    base._buffers = dict(model.model._buffers)
-    base.diffusion_model = new_dm
-    out = model.clone()
-    out.model = base
+    base = _own_base_model(model, new_dm)
+    out = _patcher_around(model, base)
     out.size = comfy.model_management.module_size(base)
     for key in [k for k in out.patches if k.removeprefix("diffusion_model.").removesuffix(".weight") in patched]:
         del out.patches[key]
@@ -174,12 +253,24 @@ LORA_AFTER_QUANT = (
 )
 
 
+BYPASS_AFTER_QUANT = (
+    "'Load LoRA (Bypass)' cannot add a LoRA to a Qua2SeDiMo-quantized model: its packed 3/4-bit layers have no "
+    "dense weight for ComfyUI to map the LoRA's keys to, so the LoRA would be silently dropped. Load the LoRA "
+    "(the normal 'Load LoRA' node) on the full-precision MODEL and connect that to Qua2SeDiMo Apply Config: "
+    "pending patches are baked into the weights before quantization."
+)
+
+
 class _QuantPatcherMixin:
-    """Refuses weight patches (LoRA, model merging) with a clear message instead of silently dropping them:
-    ComfyUI's LoRA loader only maps keys of dense ``.weight`` tensors, which packed layers do not have."""
+    """Refuses weight patches (LoRA, model merging) and forward injections (bypass LoRA) with a clear message
+    instead of silently dropping them: ComfyUI's LoRA loaders only map keys of dense ``.weight`` tensors, which
+    packed layers do not have."""
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         raise ValueError(LORA_AFTER_QUANT)
+
+    def set_injections(self, key, injections):
+        raise ValueError(BYPASS_AFTER_QUANT)
 
 
 @functools.cache
@@ -192,6 +283,27 @@ def _quant_patcher_class(base: type) -> type:
 def mark_quantized(model) -> None:
     """Make a ModelPatcher (and its clones) refuse weight patches; see ``_QuantPatcherMixin``."""
     model.__class__ = _quant_patcher_class(type(model))
+
+
+def is_quantized(model) -> bool:
+    return isinstance(model, _QuantPatcherMixin)
+
+
+def _guard_bypass_lora() -> None:
+    """Make ComfyUI's bypass-LoRA loader (0.33+) refuse a quantized MODEL: when none of the LoRA's keys map to a
+    dense layer it adds nothing to the patcher, so only this entry point can tell the user."""
+    loader = getattr(comfy.sd, "load_bypass_lora_for_models", None)
+    if loader is None or getattr(loader, "_qua2sedimo_guard", False):
+        return
+
+    @functools.wraps(loader)
+    def guarded(model, clip, lora, strength_model, strength_clip, *args, **kwargs):
+        if model is not None and is_quantized(model) and strength_model != 0:
+            raise ValueError(BYPASS_AFTER_QUANT)
+        return loader(model, clip, lora, strength_model, strength_clip, *args, **kwargs)
+
+    guarded._qua2sedimo_guard = True
+    comfy.sd.load_bypass_lora_for_models = guarded
 
 
 def _quant_device() -> torch.device:
@@ -280,6 +392,7 @@ def load_quantized(path: Path):
     if header.get("config"):
         dm.qua2sedimo_config = QuantConfig.from_dict(header["config"], model=dm, source=path.name)
     model.size = comfy.model_management.module_size(model.model)
+    forget_loader(model)
     mark_quantized(model)
     return model
 
@@ -338,10 +451,50 @@ def runs_on_cpu() -> bool:
     return comfy.model_management.get_torch_device().type == "cpu"
 
 
-def adopt(model) -> None:
-    """Point a MODEL that was built in another process (unpickled on a Ray worker) at this process's devices."""
-    model.load_device = comfy.model_management.get_torch_device()
-    model.offload_device = comfy.model_management.unet_offload_device()
+@dataclasses.dataclass
+class ShippedModel:
+    """A MODEL as plain parts for another process (a Ray worker): the BaseModel with its modules and weights (and
+    none of the patcher's load/offload or dynamic-VRAM state) and what the patcher adds on top of it (LoRA patches,
+    object patches, model options). Rebuilt by :func:`rebuild_model` with that process's own patcher and devices,
+    so nothing depends on pickling a ModelPatcher or on ComfyUI's config objects round-tripping by ``__setstate__``
+    (ComfyUI 0.33's ``BASE.__getattr__`` answers None for any missing attribute)."""
+
+    base: nn.Module
+    patches: dict
+    object_patches: dict
+    weight_wrapper_patches: dict
+    model_options: dict
+    size: int
+
+
+def ship_model(model) -> ShippedModel:
+    return ShippedModel(base=model.model, patches={k: list(v) for k, v in model.patches.items()},
+                        object_patches=dict(model.object_patches),
+                        weight_wrapper_patches=dict(getattr(model, "weight_wrapper_patches", {}) or {}),
+                        model_options=model.model_options, size=model.size)
+
+
+def shipping_state(obj) -> dict | None:
+    """The attributes to ship of a BaseModel or a model config (rebuilt by setting ``__dict__``), else None."""
+    import comfy.model_base
+    import comfy.supported_models_base
+
+    if isinstance(obj, comfy.model_base.BaseModel):
+        return _without_patcher_state(obj.__dict__)
+    if isinstance(obj, comfy.supported_models_base.BASE):
+        return dict(obj.__dict__)
+    return None
+
+
+def rebuild_model(shipped: ShippedModel):
+    """A MODEL (a plain ModelPatcher on this process's devices) from :func:`ship_model`'s parts."""
+    model = comfy.model_patcher.ModelPatcher(shipped.base, comfy.model_management.get_torch_device(),
+                                             comfy.model_management.unet_offload_device(), shipped.size)
+    model.patches = shipped.patches
+    model.object_patches = shipped.object_patches
+    model.weight_wrapper_patches = shipped.weight_wrapper_patches
+    model.model_options = shipped.model_options
+    return model
 
 
 def interrupted() -> bool:

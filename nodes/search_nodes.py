@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
@@ -19,13 +21,33 @@ MODES = ["background", "wait", "stop"]
 EXECUTORS = ["in-process", "ray"]
 
 
-def _executor_factory(ctx: jobs.SearchContext, executor: str, address: str, workers: int):
+RAY_ADDRESSES_ENV = "QUA2SEDIMO_RAY_ADDRESSES"
+
+
+def allowed_ray_address(address: str) -> str | None:
+    """The Ray cluster a prompt may use: ``None`` (a local cluster started here) for "" or "local", else an address
+    the server's owner listed in ``$QUA2SEDIMO_RAY_ADDRESSES`` (comma-separated). Anyone who can queue a prompt
+    sets this input, and the search ships the model to the cluster and unpickles what comes back: a prompt never
+    chooses an arbitrary host, and nothing is contacted before this check (no port probe)."""
+    address = address.strip()
+    if address in ("", "local"):
+        return None
+    allowed = {a.strip() for a in os.environ.get(RAY_ADDRESSES_ENV, "").split(",") if a.strip()}
+    if address not in allowed:
+        raise ValueError(
+            f"ray_address {address!r} is not a Ray cluster this server's owner allowed. Leave it empty for a local "
+            f"cluster, or start ComfyUI with {RAY_ADDRESSES_ENV}={address} (comma-separated list) to allow it"
+            + (f"; allowed now: {', '.join(sorted(allowed))}" if allowed else ""))
+    return address
+
+
+def _executor_factory(ctx: jobs.SearchContext, executor: str, address: str | None, workers: int):
     """``None`` (in-process) or a function that starts the Ray executor for ``ctx`` (in the job's thread)."""
     if executor != "ray":
         return None
     from .search_remote import ray_executor
 
-    return lambda: ray_executor(ctx, address=address.strip() or None, workers=workers or None)
+    return lambda: ray_executor(ctx, address=address, workers=workers or None)
 
 
 def _journal_path(name: str):
@@ -70,8 +92,9 @@ class Search(io.ComfyNode):
                                tooltip="in-process: evaluate here, sharing the model with ComfyUI; ray: evaluate on "
                                "Ray workers (one per GPU or CPU), results journaled here (needs qua2sedimo[ray])"),
                 io.String.Input("ray_address", default="",
-                                tooltip="ray: empty = start a local cluster on this machine; 'auto' = the cluster "
-                                "this machine joined (ray start); or 'ray://host:10001'"),
+                                tooltip="ray: empty = start a local cluster on this machine; else a cluster address "
+                                "the server's owner allowed in $QUA2SEDIMO_RAY_ADDRESSES (e.g. 'auto', "
+                                "'ray://host:10001'); any other address is refused"),
                 io.Int.Input("ray_workers", default=0, min=0, max=1024,
                              tooltip="ray: workers to start (0 = one per GPU, or per CPU without GPUs)"),
             ],
@@ -94,10 +117,12 @@ class Search(io.ComfyNode):
         node_id = cls.hidden.unique_id
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        address = None
         if executor == "ray":
+            address = allowed_ray_address(ray_address)  # before anything is prepared or contacted
             import_ray()  # a clear error before any preparation when Ray is missing
         ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
-        make_executor = _executor_factory(ctx, executor, ray_address, ray_workers)
+        make_executor = _executor_factory(ctx, executor, address, ray_workers)
         key = jobs.job_key(path, ctx.journal_kwargs)
         handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs, ctx)
         max_seconds = minutes * 60 if minutes > 0 else None

@@ -1,10 +1,11 @@
 """The search's evaluations on a Ray cluster: what each worker needs, shipped once, and the executor for it.
 
 The driver (the ComfyUI server or the command line) prepares the search as usual (:func:`.search_jobs.prepare`)
-and keeps the journal. :class:`RemoteEvaluate` carries the MODEL (weights moved to the CPU for transport; LoRA
-patches included), the conditioning, the spec and the FP reference; on a worker it boots ComfyUI, loads the
-option table (from the shared cache when the worker is on the same machine, else computed there once) and
-builds ``evaluate`` with the same code as in-process (:func:`.search_jobs.build_evaluate`).
+and keeps the journal. :class:`RemoteEvaluate` carries the MODEL as plain parts (:class:`.comfy_bridge.ShippedModel`:
+weights moved to the CPU for transport, LoRA patches included), the conditioning, the spec and the FP reference; on a
+worker it boots ComfyUI, rebuilds the MODEL with its own patcher, loads the option table (from the shared cache when
+the worker is on the same machine, else computed there once) and builds ``evaluate`` with the same code as in-process
+(:func:`.search_jobs.build_evaluate`).
 
 Workers need this pack and ComfyUI importable: a local cluster started here gets both paths; on an existing
 cluster install the pack (``pip install 'qua2sedimo[ray]'``) and ComfyUI on every node, at the driver's path or
@@ -32,8 +33,11 @@ CANONICAL = "qua2sedimo"  # the name the pack is imported under on Ray workers
 
 
 def _dumps_on_cpu(obj) -> bytes:
-    """cloudpickle ``obj`` with every tensor on the CPU (a worker may have another device, or none)."""
+    """cloudpickle ``obj`` with every tensor on the CPU (a worker may have another device, or none); ComfyUI's
+    BaseModel and model-config objects travel as their class and attributes (:func:`.comfy_bridge.shipping_state`)."""
     from ray import cloudpickle
+
+    from .comfy_bridge import shipping_state
 
     class _CpuPickler(cloudpickle.CloudPickler):
         def reducer_override(self, o):
@@ -42,6 +46,10 @@ def _dumps_on_cpu(obj) -> bytes:
                 if isinstance(o, torch.nn.Parameter):
                     return torch.nn.Parameter, (cpu, o.requires_grad)
                 return _identity, (cpu,)
+            if not isinstance(o, type):
+                state = shipping_state(o)
+                if state is not None:
+                    return _with_state, (type(o), state)
             return super().reducer_override(o)
 
     buf = io.BytesIO()
@@ -53,13 +61,23 @@ def _identity(x):
     return x
 
 
+def _with_state(cls: type, state: dict):
+    """An instance of ``cls`` with ``state`` as its attributes (no ``__init__``, no ``__setstate__`` lookup)."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
 class RemoteEvaluate:
-    """Picklable ``factory() → evaluate`` for Ray workers (see the module docstring). Holds no object of this
-    pack's classes besides itself: the pack may be loaded under another module name on the driver."""
+    """Picklable ``factory() → evaluate`` for Ray workers (see the module docstring). Built from the pack imported
+    as ``qua2sedimo`` (:func:`ray_executor`), so the classes it ships (itself, ``ShippedModel``) unpickle by that
+    name even when the driver loaded the pack under another module name."""
 
     def __init__(self, model, positive, negative, spec: dict, reference: dict, *, fingerprint: str, comfy_dir: str,
                  cpu: bool, cache_dir: str):
-        self.blob = _dumps_on_cpu((model, positive, negative, reference))
+        from .comfy_bridge import ship_model
+
+        self.blob = _dumps_on_cpu((ship_model(model), positive, negative, reference))
         self.spec, self.fingerprint = spec, fingerprint
         self.comfy_dir, self.cpu, self.cache_dir = comfy_dir, cpu, cache_dir
 
@@ -72,14 +90,14 @@ class RemoteEvaluate:
         from . import search_jobs
 
         spec = search_jobs.SearchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.spec.items()})
-        model, positive, negative, reference = pickle.loads(self.blob)
+        shipped, positive, negative, reference = pickle.loads(self.blob)
+        model = bridge.rebuild_model(shipped)
         states = None
         if reference.get("states") is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "states.safetensors").write_bytes(reference["states"])
                 states = TrajectoryStates.load(Path(tmp) / "states.safetensors")
         reference = search_jobs.Reference(states=states, fp_latents=reference.get("fp_latents"))
-        bridge.adopt(model)
         dm = bridge.diffusion_model(model)
         found = layers_fingerprint(quantizable_layers(dm))
         if found != self.fingerprint:

@@ -94,6 +94,16 @@ def find_comfy_dir() -> Path | None:
     return p if (p / ".complete").is_file() and not _tree_problem(p) else None
 
 
+def host_version() -> str:
+    """The version of the ComfyUI tree in use (``COMFY_DIR`` or the cached 0.3.75 tree); "" when there is none.
+    Caches of things built with a host's classes (tiny models, option tables) are keyed by it."""
+    found = find_comfy_dir()
+    if found is None or not (found / "comfyui_version.py").is_file():
+        return ""
+    m = re.search(r'__version__\s*=\s*"([^"]+)"', (found / "comfyui_version.py").read_text())
+    return m.group(1) if m else ""
+
+
 def host_unavailable_reason() -> str | None:
     """``None`` if the host can be used from this interpreter, else a human-readable reason."""
     env = os.environ.get("COMFY_DIR")

@@ -42,7 +42,9 @@ def _truthy(value: str | None) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     # option tables / FP states of the tiny models are shared by every test base, the demo and the server
     # (keyed by weight fingerprints, validated on load), and kept between runs next to the host cache
-    os.environ.setdefault("QUA2SEDIMO_CACHE_DIR", str(comfy_host.cache_root() / "option-tables"))
+    # (one folder per ComfyUI version: a host may build the same model with other layers or numerics)
+    version = comfy_host.host_version() or "no-host"
+    os.environ.setdefault("QUA2SEDIMO_CACHE_DIR", str(comfy_host.cache_root() / f"option-tables-{version}"))
     config.addinivalue_line("markers", "comfy_inproc: needs the real ComfyUI host, in-process")
     config.addinivalue_line("markers", "comfy_server: needs the real ComfyUI host, over HTTP")
 

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+pytest.importorskip("ray")  # the optional extra qua2sedimo[ray]: skip, not ImportError, without it
 pytestmark = [pytest.mark.ray, pytest.mark.comfy_inproc, pytest.mark.slow]
 SPEC = dict(n_seeds=1, n_states=4, steps=4, width=64, height=64)
 

@@ -216,9 +216,10 @@ def generate(models_dir: str | os.PathLike, names: tuple[str, ...] | list[str] =
 
 
 def cache_key() -> str:
-    """Changes whenever this file, the host recipe or the torch version changes."""
+    """Changes whenever this file, the host recipe, the ComfyUI version in use or the torch version changes."""
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(comfy_host.recipe().encode())
+    h.update(comfy_host.host_version().encode())
     h.update(torch.__version__.encode())
     return h.hexdigest()[:16]
 
