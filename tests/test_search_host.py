@@ -139,3 +139,19 @@ def test_report_and_build_config(comfy_inproc, tiny_models, tmp_path, monkeypatc
 
     cfg, c, rec = report_jobs.build_config(handle, rule="knapsack", target_bits=3.7)
     assert isinstance(cfg, QuantConfig) and abs(cfg.avg_bits() - 3.7) <= 0.0100001 and rec.primary > 0
+
+
+@pytest.mark.comfy_inproc
+def test_ray_address_is_limited_to_what_the_owner_allowed(comfy_inproc, monkeypatch):
+    from qua2sedimo.nodes.search_nodes import RAY_ADDRESSES_ENV, allowed_ray_address
+
+    monkeypatch.delenv(RAY_ADDRESSES_ENV, raising=False)
+    assert allowed_ray_address("") is None and allowed_ray_address(" local ") is None
+    for hostile in ("auto", "127.0.0.9:6379", "ray://localhost:10001", "127.0.0.1:6379"):
+        with pytest.raises(ValueError, match=RAY_ADDRESSES_ENV):
+            allowed_ray_address(hostile)
+    monkeypatch.setenv(RAY_ADDRESSES_ENV, "auto, ray://head.lan:10001")
+    assert allowed_ray_address("auto") == "auto"
+    assert allowed_ray_address(" ray://head.lan:10001 ") == "ray://head.lan:10001"
+    with pytest.raises(ValueError, match="allowed now: auto, ray://head.lan:10001"):
+        allowed_ray_address("ray://head.lan:10002")

@@ -141,3 +141,19 @@ def test_normal_workflow_runs_alongside_a_background_search(comfy_server):
     assert 1 <= during <= after < 1000
     status = [t for t in _texts(entry) if "configs evaluated" in t]
     assert status and not status[0].startswith("running"), status
+
+
+@pytest.mark.comfy_server
+def test_prompt_cannot_send_the_model_to_an_arbitrary_ray_cluster(comfy_server):
+    """Security: ``ray_address`` is set by whoever can queue a prompt; the server would ship the model there and
+    unpickle the answers. Only a local cluster or an address the server's owner allowed is accepted, refused before
+    any preparation or connection (the journal is never created)."""
+    from comfy_host import ComfyServerError
+
+    journal = comfy_server.base / "models" / "qua2sedimo" / "journals" / "http-ray-address.sqlite"
+    t0 = time.monotonic()
+    refused = "not a Ray cluster this server's owner allowed.*QUA2SEDIMO_RAY_ADDRESSES"
+    with pytest.raises(ComfyServerError, match=refused):
+        comfy_server.run(_graph(journal="http-ray-address", configs=2, mode="wait", executor="ray",
+                                ray_address="127.0.0.9:6379"), timeout=120)
+    assert time.monotonic() - t0 < 60 and not journal.exists()
