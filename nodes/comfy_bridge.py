@@ -131,12 +131,18 @@ def _independent_copy(module: nn.Module, skip: str | None = None) -> nn.Module:
     where they are, and moving one (``param.data = …`` in ``Module.to``, ComfyUI's loading/offloading) leaves the
     other's weights in place. The child ``skip`` is left out (the caller sets it)."""
     new = copy.copy(module)
-    new._parameters = {k: (None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad))
-                       for k, p in module._parameters.items()}
+    new._parameters = {k: _own_parameter(p) for k, p in module._parameters.items()}
     new._buffers = dict(module._buffers)
     new._modules = {k: (_independent_copy(v) if v is not None else None)
                     for k, v in module._modules.items() if k != skip}
     return new
+
+
+def _own_parameter(p):
+    """A new Parameter over ``p``'s storage; tensor subclasses (0.33's quantized weights) are kept as they are."""
+    if type(p) is nn.Parameter:
+        return nn.Parameter(p.data, requires_grad=p.requires_grad)
+    return p
 
 
 # What ComfyUI's model patchers keep on the BaseModel instance (loaded memory, low-VRAM counters, the dynamic-VRAM
@@ -189,16 +195,99 @@ def forget_loader(model) -> None:
         model.cached_patcher_init = None
 
 
-def _patched_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """Weights with the MODEL's pending LoRA/weight patches applied, for the layers to quantize."""
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                    if hasattr(torch, n))
+
+
+def stored_format(module: nn.Module) -> str | None:
+    """How ComfyUI stores a layer's weight when it is not a plain dense tensor: ``"scaled_fp8"`` (0.3.x fp8 ops:
+    fp8 weight × ``scale_weight``), ``"comfy_quant:<format>"`` (0.33's per-layer formats, comfy-kitchen
+    ``QuantizedTensor``: float8, int8, nvfp4, mxfp8…), ``"fp8"`` (a bare fp8 weight); ``None`` when dense."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    if type(w) not in (torch.Tensor, nn.Parameter):
+        fmt = getattr(module, "quant_format", None) or getattr(w, "_layout_cls", None) or type(w).__name__
+        return f"comfy_quant:{fmt}"
+    if w.dtype in _FP8_DTYPES:
+        return "scaled_fp8" if isinstance(getattr(module, "scale_weight", None), torch.Tensor) else "fp8"
+    return None
+
+
+def _is_comfy_quantized_tensor(w: torch.Tensor) -> bool:
+    try:
+        from comfy.quant_ops import QuantizedTensor  # ComfyUI ≥ 0.4 (comfy-kitchen)
+    except ImportError:
+        return False
+    return isinstance(w, QuantizedTensor)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a quantized layer of ``model`` computes in (fp8 sources: the model's cast dtype)."""
+    base = model.model
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def source_weight(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense weight of a layer ComfyUI stores quantized (see :func:`stored_format`), in ``dtype``; ``None`` for
+    a dense layer. A format that cannot be dequantized is refused with the layer, the format and the fix."""
+    fmt = stored_format(module)
+    if fmt is None:
+        return None
+    w = module.weight
+    try:
+        if fmt.startswith("comfy_quant:"):
+            if not _is_comfy_quantized_tensor(w):  # torch.Tensor.dequantize() would hand back the raw values
+                raise TypeError(f"{type(w).__module__}.{type(w).__name__} is not comfy-kitchen's QuantizedTensor")
+            dense = w.dequantize().to(torch.float32)
+        else:
+            dense = w.detach().to(torch.float32)
+            if fmt == "scaled_fp8":
+                dense = dense * module.scale_weight.detach().to(torch.float32)
+    except Exception as e:  # an unknown/unsupported layout of a newer comfy-kitchen
+        raise ValueError(f"layer {name!r} is stored in ComfyUI's quantized format {fmt!r}, which cannot be read "
+                         f"back to dense weights here ({type(e).__name__}: {e}); load a full-precision or fp8 "
+                         "checkpoint of this model, or keep the layer at fp16 in the config") from None
+    if dense.shape != tuple(w.shape) or not torch.isfinite(dense).all():
+        raise ValueError(f"layer {name!r} ({fmt}) dequantized to a wrong shape or non-finite values")
+    return dense.to(dtype)
+
+
+def refuse_stored_formats_for_search(dm: nn.Module, layers) -> None:
+    """The search builds its option table from the layers' own weights: refuse fp8/comfy_quant-stored layers
+    (their raw values are not the weights) with the way out, rather than searching on wrong weights."""
+    stored = [(la.name, fmt) for la in layers if (fmt := stored_format(dm.get_submodule(la.name))) is not None]
+    if stored:
+        name, fmt = stored[0]
+        raise ValueError(
+            f"{len(stored)} layer(s) of this MODEL are stored in ComfyUI's quantized formats (e.g. {name!r}: {fmt}); "
+            "the search cannot run on them yet. Search on the bf16/fp16 checkpoint of the same model, then apply "
+            "the config it builds to this one (Qua2SeDiMo Apply Config dequantizes fp8/comfy_quant layers first)")
+
+
+def _source_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Dense weights (the MODEL's pending LoRA/weight patches applied) for the layers to quantize whose weights are
+    patched or stored in a quantized format (fp8 sources); the other layers quantize from their own weights."""
     out = {}
+    dtype = None
     for name, option in config.options.items():
+        if option == "fp16":
+            continue
+        module = dm.get_submodule(name)
         key = f"diffusion_model.{name}.weight"
-        if option != "fp16" and key in model.patches:
-            w = dm.get_submodule(name).weight
+        if stored_format(module) is not None:
+            dtype = dtype or compute_dtype(model)
+            dense = source_weight(module, name, dtype)
+        elif key in model.patches:
+            dense = module.weight
+        else:
+            continue
+        if key in model.patches:
             # a private fp32 copy: calculate_weight works in place (on the Parameter itself if w is fp32)
-            dense = w.detach().to(torch.float32, copy=True)
-            out[name] = comfy.lora.calculate_weight(model.patches[key], dense, key).to(w.dtype)
+            w32 = dense.detach().to(torch.float32, copy=True)
+            dense = comfy.lora.calculate_weight(model.patches[key], w32, key).to(dense.dtype)
+        out[name] = dense.detach()
     return out
 
 
@@ -227,7 +316,7 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     config.check_model(dm)
     _refuse_injections(model)
     new_dm = _independent_copy(dm)
-    patched = _patched_weights(model, dm, config)
+    patched = _source_weights(model, dm, config)
     for name, w in patched.items():
         new_dm.get_submodule(name).weight = nn.Parameter(w, requires_grad=False)
     options = sorted({o for o in config.options.values() if o != "fp16"})

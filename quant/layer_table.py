@@ -49,12 +49,21 @@ def _layer_of(name: str, module: nn.Module) -> LayerInfo | None:
     info = getattr(module, "layer_info", None)
     if callable(info):
         return info(name)
-    if isinstance(module, QUANTIZABLE_TYPES):
+    if isinstance(module, QUANTIZABLE_TYPES) or is_linear_like(module):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() >= 2:
-            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
             return LayerInfo(name, kind, tuple(weight.shape), weight.dtype)
     return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A Linear that is not an ``nn.Linear`` subclass (e.g. ComfyUI 0.33's mixed-precision ops, whose weight is a
+    quantized tensor): ``in_features``/``out_features`` and a 2-D weight of that shape."""
+    weight = getattr(module, "weight", None)
+    n_in, n_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (isinstance(n_in, int) and isinstance(n_out, int) and isinstance(weight, torch.Tensor)
+            and tuple(weight.shape) == (n_out, n_in))
 
 
 def quantizable_layers(model: nn.Module | Iterable[LayerInfo]) -> list[LayerInfo]:

@@ -9,7 +9,7 @@ from torch import nn
 from . import kernels
 from .accounting import lut_rows, n_out_k_in
 from .activations import check_act_bits, quantize_conv_input, quantize_tokens
-from .layer_table import LayerInfo
+from .layer_table import LayerInfo, is_linear_like
 from .options import check_method_bits
 from .packing import packed_length
 from .quantizers import QuantizedWeight, lut_dtype_for, quantize_weight
@@ -190,8 +190,8 @@ def quantized_module(
     module: nn.Module, q: QuantizedWeight, act_bits: int = 16
 ) -> QuantLinear | QuantConv2d:
     """The quantized replacement of a dense Linear/Conv2d from a prepared weight."""
-    if isinstance(module, nn.Linear):
-        return QuantLinear.from_quantized(q, module.bias, act_bits)
     if isinstance(module, nn.Conv2d):
         return QuantConv2d.from_conv(module, q.method, q.bits, act_bits, quantized=q)
+    if isinstance(module, nn.Linear) or is_linear_like(module):
+        return QuantLinear.from_quantized(q, module.bias, act_bits)
     raise ValueError(f"cannot quantize a {type(module).__name__}: only Linear and Conv2d layers are supported")
