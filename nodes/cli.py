@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -74,8 +75,8 @@ def _conditioning(path: Path) -> tuple[list, list]:
 def search_main(args: argparse.Namespace) -> dict:
     if args.configs < 1:
         raise SystemExit(f"--configs must be at least 1, got {args.configs}: a budget of zero evaluates nothing")
-    if args.minutes < 0:
-        raise SystemExit(f"--minutes must be ≥ 0 (0 = no time budget), got {args.minutes}")
+    if not math.isfinite(args.minutes) or args.minutes < 0:
+        raise SystemExit(f"--minutes must be a finite number ≥ 0 (0 = no time budget), got {args.minutes}")
     try:
         boot(args.comfy_dir, cpu=args.cpu, base_directory=args.base_directory)
     except ValueError as e:

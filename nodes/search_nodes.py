@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -115,6 +116,8 @@ class Search(io.ComfyNode):
                                cfg=cfg, width=width, height=height, options=option_set())
         path = _journal_path(journal)
         node_id = cls.hidden.unique_id
+        if not math.isfinite(minutes) or minutes < 0:  # NaN would silently mean "no time budget"
+            raise ValueError(f"minutes must be a finite number ≥ 0 (0 = no time budget), got {minutes}")
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
         address = None

@@ -21,9 +21,11 @@ from .atomic import atomic_write_with
 from .layer_table import dtype_from_name
 from .options import parse_option
 from .packing import packed_length
+from .quantizers import lut_dtype_for
 
 FILE_FORMAT = "qua2sedimo.quantized"
 FILE_VERSION = 1
+WRITTEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of quantized layers
 
 
 def save_quantized_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict) -> None:
@@ -93,11 +95,15 @@ def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
                 f"{path.name!r}: layer {name!r} codes are {codes.dtype} {tuple(codes.shape)}, expected uint8 "
                 f"{(n, packed_length(k, bits))} for {info['option']} {shape} (file damaged or tampered)"
             )
-        if tuple(lut.shape) != (rows, 1 << bits) or not lut.dtype.is_floating_point:
+        dtype = dtype_from_name(info["dtype"])
+        if dtype not in WRITTEN_DTYPES:  # e.g. a tampered float8: the layer would compute in it silently
+            raise ValueError(f"{path.name!r}: layer {name!r} has dtype {info['dtype']!r}; quantized layers are written "
+                             f"as {', '.join(str(d).removeprefix('torch.') for d in WRITTEN_DTYPES)} (file tampered)")
+        if tuple(lut.shape) != (rows, 1 << bits) or lut.dtype != lut_dtype_for(dtype):
             raise ValueError(
-                f"{path.name!r}: layer {name!r} table is {lut.dtype} {tuple(lut.shape)}, expected {(rows, 1 << bits)}"
+                f"{path.name!r}: layer {name!r} table is {lut.dtype} {tuple(lut.shape)}, expected "
+                f"{lut_dtype_for(dtype)} {(rows, 1 << bits)} (file damaged or tampered)"
             )
         if not bool(torch.isfinite(lut).all()):
             raise ValueError(f"{path.name!r}: layer {name!r} table has NaN/Inf values (file damaged)")
-        dtype_from_name(info["dtype"])
     return tensors, header

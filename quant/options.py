@@ -39,8 +39,11 @@ def parse_option(option: str, where: str = "") -> tuple[str, int] | None:
             f"invalid option {option!r}{at}: write 'method-bits' (e.g. 'uaq-4', 'kmeans_c-3') or 'fp16'"
         )
     method, _, bits_text = option.rpartition("-")
-    if not bits_text.isdigit():
-        raise ValueError(f"invalid option {option!r}{at}: the part after '-' must be a bit width")
+    # ASCII digits in canonical form only: 'uaq-03' or 'uaq-٤' would name the same option twice (cache entries,
+    # journal keys) under another spelling
+    if not (bits_text.isascii() and bits_text.isdigit()) or str(int(bits_text)) != bits_text:
+        raise ValueError(f"invalid option {option!r}{at}: the part after '-' must be a bit width written in ASCII "
+                         f"digits without leading zeros (e.g. '{method}-4')")
     bits = int(bits_text)
     check_method_bits(method, bits, where)
     return method, bits

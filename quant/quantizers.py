@@ -116,6 +116,9 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
     qmax = (1 << bits) - 1
     wmax = w.amax(dim=1)
     wmin = w.amin(dim=1)
+    # errors are compared per row on the row's scale: |w−q|^2.4 of rows spread over ≳1e16 overflows fp32
+    scale = torch.maximum(wmax.abs(), wmin.abs())
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
     best_err = torch.full_like(wmax, float("inf"))
     best_delta = torch.ones_like(wmax)
     best_zero = torch.zeros_like(wmax)
@@ -124,7 +127,7 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
         delta = torch.where(delta > 0, delta, torch.ones_like(delta))
         zero = torch.round(-(alpha * wmin) / delta)
         q = (torch.clamp(torch.round(w / delta[:, None]) + zero[:, None], 0, qmax) - zero[:, None])
-        err = (w - q * delta[:, None]).abs_().pow_(LP_NORM).mean(dim=1)
+        err = (w - q * delta[:, None]).div_(scale).abs_().pow_(LP_NORM).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_delta = torch.where(better, delta, best_delta)
@@ -149,7 +152,7 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
 # continues on the fine coreset, and the final assignment and its exact segment means use the full
 # sorted row. The sort, the atom sums and the codes are the only passes over all weights.
 
-QUANTIZER_VERSION = 3  # bump when any quantizer's output changes: keys option-table caches and search runs
+QUANTIZER_VERSION = 4  # bump when any quantizer's output changes: keys option-table caches and search runs
 KMEANS_MAX_ITER = 10  # Lloyd steps on the fine coreset (K-Means-C; later steps gain ≲ 1 % of the error)
 KMEANS_A_MAX_ITER = 300  # K-Means-A is one row, its steps cost microseconds: exact steps to a fixed point
 KMEANS_DRAWS = 4  # k-means++ draws per row (scikit-learn's default for k-means++ is 1)
@@ -594,7 +597,7 @@ def quantize_weight(
             codes = codes.reshape(n_out, k_in)
         else:
             codes, lut = uaq_codes(w, bits)
-        lut = lut.to(lut_dtype)
+        lut = to_table_dtype(lut, lut_dtype)
         sums = _error_sums(w, codes, lut.float(), group_size)
     elif method == "kmeans_c":  # errors from the sorted rows (see _sorted_error_sums)
         codes, lut, sums = _kmeans(weight.detach().reshape(n_out, k_in), bits, seed, lut_dtype=lut_dtype)
@@ -603,6 +606,8 @@ def quantize_weight(
         one_row = weight.detach().reshape(1, -1)
         codes, lut, sums = _kmeans(one_row, bits, seed, KMEANS_A_MAX_ITER, fine_atom=1, lut_dtype=lut_dtype)
         codes, lut = codes.reshape(n_out, k_in), lut.to(lut_dtype)
+    if not bool(torch.isfinite(lut).all()):  # never stored: a poisoned table would fail every later load
+        raise ValueError(f"{at}{method}-{bits} produced a non-finite table; report this with the layer's weights")
     qw = QuantizedWeight(
         codes=pack_codes(codes, bits),
         lut=lut.contiguous(),
@@ -616,6 +621,13 @@ def quantize_weight(
     qw.rel_error = sq / norm if norm > 0 else sq
     qw.lp_error = lp / weight.numel()
     return qw
+
+
+def to_table_dtype(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``lut`` in the table dtype, saturating at its finite range (fp16 weights near ±65504: a level computed as
+    (q − z)·Δ may land just past it and would round to Inf)."""
+    info = torch.finfo(dtype)
+    return lut.clamp(info.min, info.max).to(dtype)
 
 
 def _table_lookup(codes: torch.Tensor, lut: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -636,9 +648,8 @@ def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_s
     """``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` for ``Q = lut[row or group, code]``; on CPU over row blocks in
     torch's threads, with NumPy's pairwise fp32 sums and power (several times faster than torch's here)."""
     if w.device.type != "cpu":
-        d = w - _table_lookup(codes, lut, group_size)
-        return (float(d.square().sum(dtype=torch.float64)), float(d.abs_().pow_(LP_NORM).sum(dtype=torch.float64)),
-                float(w.square().sum(dtype=torch.float64)))
+        d = (w - _table_lookup(codes, lut, group_size)).double()
+        return (float(d.square().sum()), float(d.abs_().pow_(LP_NORM).sum()), float(w.double().square().sum()))
     n = w.shape[0]
     per_row = lut.shape[0] // n
 
@@ -651,4 +662,7 @@ def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_s
         return sq, float(np.power(d, LP_NORM / 2, out=d).sum()), float(np.einsum("i,i->", x, x))
 
     sums = _map_row_blocks(block, n, w.numel(), w.device)
-    return tuple(float(sum(s[i] for s in sums)) for i in range(3))
+    out = tuple(float(sum(s[i] for s in sums)) for i in range(3))
+    if not all(math.isfinite(x) for x in out) and w.dtype != torch.float64:  # squares past fp32's range
+        return _error_sums(w.double(), codes, lut.double(), group_size)
+    return out

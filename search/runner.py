@@ -118,8 +118,8 @@ def run_search(
         raise ValueError("give a budget: max_configs (configs in the journal) and/or max_seconds (this session)")
     if max_configs is not None and max_configs <= 0:
         raise ValueError(f"max_configs must be at least 1, got {max_configs}: a budget of zero evaluates nothing")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):  # NaN > 0 is False too
+        raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds}")
     names = {la.name for la in layers}
     if set(sampler.layer_names) != names:
         raise ValueError("the sampler and the layer table name different layers: build both from the same model")

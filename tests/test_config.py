@@ -120,3 +120,13 @@ def test_rules_errors_name_the_line_and_pattern():
         QuantConfig.parse_rules("blocks.0 = uaq-5x")
     with pytest.raises(ValueError, match="'blocks.9' matches no layer"):
         QuantConfig.from_rules(m, [("blocks.9", "uaq-4")])
+
+
+@pytest.mark.parametrize("spelling", ["uaq-03", "uaq-٤", "uaq-４", "uaq-+4", "uaq- 4"])
+def test_options_are_ascii_and_canonical(spelling):
+    """'uaq-03' or 'uaq-٤' must not become a second spelling of an option (duplicate cache entries)."""
+    from qua2sedimo.quant.options import parse_option
+
+    assert parse_option("uaq-4") == ("uaq", 4)
+    with pytest.raises(ValueError, match="ASCII digits without leading zeros"):
+        parse_option(spelling)

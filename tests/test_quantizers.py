@@ -280,3 +280,25 @@ def test_kmeans_compiled_steps_match_python(monkeypatch, dtype):
     for (c1, l1), (c2, l2) in zip(fast[:2], slow[:2], strict=True):
         assert torch.equal(c1, c2) and torch.equal(l1, l2)
     assert torch.equal(fast[2].codes, slow[2].codes) and torch.equal(fast[2].lut, slow[2].lut)
+
+
+def test_uaq_rows_of_huge_spread_keep_their_scale():
+    """A row spread over ~1e30 overflowed the clip search (|w−q|^2.4 in fp32) and dequantized to 0…15."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[1] = 1e30 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    q = quantize_weight(w, "uaq", 4)
+    d = q.dequantize()
+    assert torch.isfinite(q.lut).all() and math.isfinite(q.rel_error) and math.isfinite(q.lp_error)
+    d, w = d.double(), w.double()
+    assert ((d[1] - w[1]).square().sum() / w[1].square().sum()) < 0.05  # was ≈ 1 (all of it lost)
+    assert ((d[0] - w[0]).square().sum() / w[0].square().sum()) < 0.05
+
+
+@pytest.mark.parametrize("method", ["uaq", "kmeans_c", "kmeans_a"])
+def test_fp16_weights_at_the_edge_of_the_range_give_finite_tables(method):
+    """UAQ on fp16 rows reaching ±65504 put Inf in the fp16 table (a level just past the range)."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[2] = torch.linspace(-65504, 65504, 64)
+    q = quantize_weight(w.half(), method, 4)
+    assert q.lut.dtype == torch.float16 and torch.isfinite(q.lut).all()
+    assert torch.isfinite(q.dequantize()).all() and math.isfinite(q.rel_error) and q.rel_error < 0.05

@@ -70,6 +70,10 @@ def test_time_budget_and_bad_budgets(tmp_path):
         assert res.status == "time" and res.new >= 1
         with pytest.raises(ValueError, match="budget of zero"):
             run_search(j, sampler, fake_objective, layers, primary="denoise_error", max_configs=0)
+        for bad in (float("nan"), float("inf"), -1.0):  # NaN used to mean "no time budget", silently
+            with pytest.raises(ValueError, match="max_seconds must be a positive finite number"):
+                run_search(j, sampler, fake_objective, layers, primary="denoise_error", max_configs=5,
+                           max_seconds=bad)
         with pytest.raises(ValueError, match="give a budget"):
             run_search(j, sampler, fake_objective, layers, primary="denoise_error")
         with pytest.raises(ValueError, match="without the primary value 'psnr'"):
