@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..quant import QuantConfig, QuantConv2d, QuantLinear, option_table, quantize_
-from ..quant.format import load_quantized_file, save_quantized_file
+from ..quant.format import load_quantized_file, read_header, save_quantized_file
 from ..quant.layer_table import dtype_from_name, dtype_name, quantizable_layers
 from ..quant.layers import _QuantBase
 
@@ -61,8 +61,26 @@ def list_configs() -> list[str]:
     return folder_paths.get_filename_list(FOLDER)
 
 
+_INTERNAL_DIRS = ("cache", "journals", "ray-import")  # ours, under models/qua2sedimo: never models to load
+
+
 def list_quantized() -> list[str]:
-    return folder_paths.get_filename_list(QUANTIZED_FOLDER)
+    """Our quantized models in models/qua2sedimo and the output folder: no caches, journals or Ray import links,
+    nothing a link leads to outside those folders, no other safetensors (checked by their header)."""
+    roots = [Path(p).resolve() for p in folder_paths.folder_names_and_paths[QUANTIZED_FOLDER][0]]
+    out = []
+    for name in folder_paths.get_filename_list(QUANTIZED_FOLDER):
+        if name.replace("\\", "/").split("/")[0] in _INTERNAL_DIRS:
+            continue
+        path = folder_paths.get_full_path(QUANTIZED_FOLDER, name)
+        if path is None or not any(Path(path).resolve().is_relative_to(r) for r in roots):
+            continue
+        try:
+            read_header(path)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
 
 
 def config_path(name: str) -> Path:

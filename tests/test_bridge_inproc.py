@@ -252,3 +252,39 @@ def test_load_quantized_stays_packed_peak_rss(comfy_inproc, tiny_models, tmp_pat
     # the peak during load stays near the packed size: no dense copy of the quantized layers is made
     assert packed["peak_kib"] * 1024 <= 1.5 * qfile.stat().st_size + 16 * 2**20, (packed, qfile.stat().st_size)
     assert packed["peak_kib"] <= 0.5 * dense["peak_kib"], (packed, dense)
+
+
+@pytest.mark.comfy_inproc
+def test_load_quantized_lists_only_our_models(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    """Caches, journals, Ray import links, links out of the folder and other safetensors are not offered."""
+    import folder_paths
+    import torch
+    from safetensors.torch import save_file
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.quant import QuantConfig
+
+    monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path / "tables")
+    mp = _load(tiny_models)
+    cfg = QuantConfig.from_options(bridge.diffusion_model(mp), {"blocks.0.mlp.fc2": "uaq-4"})
+    qmp, _ = bridge.apply_config(mp, cfg)
+    ours = bridge.config_dir()
+    out = Path(folder_paths.get_output_directory())
+    bridge.save_quantized(qmp, out / "listing-test_00001_q.safetensors")
+    (ours / "cache").mkdir(parents=True, exist_ok=True)
+    save_file({"x": torch.zeros(2)}, str(ours / "cache" / "option-table-listing-test.safetensors"))
+    save_file({"x": torch.zeros(2)}, str(out / "listing-test-other.safetensors"))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    bridge.save_quantized(qmp, outside / "secret_q.safetensors")
+    (ours / "listing-test-link").symlink_to(outside, target_is_directory=True)
+    folder_paths.filename_list_cache.clear()
+    try:
+        names = [n for n in bridge.list_quantized() if "listing-test" in n]
+    finally:
+        (ours / "listing-test-link").unlink()
+        for f in (out / "listing-test_00001_q.safetensors", out / "listing-test-other.safetensors",
+                  ours / "cache" / "option-table-listing-test.safetensors"):
+            f.unlink()
+        folder_paths.filename_list_cache.clear()
+    assert names == ["listing-test_00001_q.safetensors"], names
