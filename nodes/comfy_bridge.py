@@ -272,18 +272,6 @@ def source_weight(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Ten
     return dense.to(dtype)
 
 
-def refuse_stored_formats_for_search(dm: nn.Module, layers) -> None:
-    """The search builds its option table from the layers' own weights: refuse fp8/comfy_quant-stored layers
-    (their raw values are not the weights) with the way out, rather than searching on wrong weights."""
-    stored = [(la.name, fmt) for la in layers if (fmt := stored_format(dm.get_submodule(la.name))) is not None]
-    if stored:
-        name, fmt = stored[0]
-        raise ValueError(
-            f"{len(stored)} layer(s) of this MODEL are stored in ComfyUI's quantized formats (e.g. {name!r}: {fmt}); "
-            "the search cannot run on them yet. Search on the bf16/fp16 checkpoint of the same model, then apply "
-            "the config it builds to this one (Qua2SeDiMo Apply Config dequantizes fp8/comfy_quant layers first)")
-
-
 def _source_weights(model, dm: nn.Module, config: QuantConfig) -> dict[str, torch.Tensor]:
     """Dense weights (the MODEL's pending LoRA/weight patches applied) for the layers to quantize whose weights are
     patched or stored in a quantized format (fp8 sources); the other layers quantize from their own weights."""
@@ -511,14 +499,36 @@ def journal_dir() -> Path:
 
 def search_copy(model) -> nn.Module:
     """A copy of the MODEL's BaseModel whose denoiser module tree is its own (parameters shared, no memory):
-    the search swaps quantized layers into it while the MODEL itself keeps serving normal workflows."""
-    dm = diffusion_model(model)
+    the search swaps quantized layers into it while the MODEL itself keeps serving normal workflows. Layers stored
+    in ComfyUI's quantized formats hold their dense weights in the copy (:func:`quantization_source`)."""
     base = copy.copy(model.model)
     base._modules = dict(model.model._modules)
     base._parameters = dict(model.model._parameters)
     base._buffers = dict(model.model._buffers)
-    base.diffusion_model = _shallow_copy(dm)
+    base.diffusion_model = quantization_source(model)
     return base
+
+
+def quantization_source(model) -> nn.Module:
+    """The denoiser as the option table and the search quantize it: a copy of its module tree (parameters
+    shared) in which every layer stored in ComfyUI's quantized formats (fp8, comfy_quant) holds its dense weight
+    in the model's compute dtype, with the format's own scaling switched off, so it computes what the source
+    computes and quantizes to the same codes as Apply Config (:func:`source_weight`). Costs a dense copy of those
+    layers only; for a dense model it is just the shared copy."""
+    view = _shallow_copy(diffusion_model(model))
+    dtype = None
+    for info in quantizable_layers(view):
+        module = view.get_submodule(info.name)
+        if stored_format(module) is None:
+            continue
+        dtype = dtype or compute_dtype(model)
+        module._parameters["weight"] = nn.Parameter(source_weight(module, info.name, dtype), requires_grad=False)
+        if isinstance(module._parameters.get("scale_weight"), torch.Tensor):  # 0.3.x fp8 ops: weight × scale
+            module._parameters["scale_weight"] = nn.Parameter(torch.ones_like(module.scale_weight),
+                                                              requires_grad=False)
+        if getattr(module, "layout_type", None) is not None:  # 0.33 mixed ops: no quantized matmul on a dense weight
+            module.layout_type = None
+    return view
 
 
 def routed(model, fn):

@@ -221,10 +221,10 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     layers = quantizable_layers(dm)
     if not layers:
         raise ValueError("this MODEL's denoiser has no quantizable Linear/Conv2d layers: nothing to search")
-    bridge.refuse_stored_formats_for_search(dm, layers)
     fingerprint = layers_fingerprint(layers)
     settings = spec.settings(conditioning_digest(positive, negative))
-    table = option_table(dm, spec.options, cache_dir=bridge.cache_dir(), device=bridge._quant_device(),
+    table = option_table(bridge.quantization_source(model), spec.options, cache_dir=bridge.cache_dir(),
+                         device=bridge._quant_device(),
                          progress=progress)
     reference = make_reference(model, positive, negative, spec, fingerprint, settings)
     evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference)

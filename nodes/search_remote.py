@@ -106,7 +106,8 @@ class RemoteEvaluate:
         cache = Path(self.cache_dir)
         if not _writable_dir(cache):
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qua2sedimo" / "option-tables"
-        table = option_table(dm, spec.options, cache_dir=cache, device=bridge._quant_device())
+        table = option_table(bridge.quantization_source(model), spec.options, cache_dir=cache,
+                             device=bridge._quant_device())
         evaluate, *_ = search_jobs.build_evaluate(model, positive, negative, spec, table, reference)
         return evaluate
 

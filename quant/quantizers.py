@@ -657,9 +657,10 @@ def _error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, group_s
         table = lut[rows.start * per_row : rows.stop * per_row] if per_row else lut
         x = w[rows].contiguous().numpy().reshape(-1)
         d = (w[rows] - _table_lookup(codes[rows], table, group_size)).numpy().reshape(-1)
-        d *= d
-        sq = float(d.sum())
-        return sq, float(np.power(d, LP_NORM / 2, out=d).sum()), float(np.einsum("i,i->", x, x))
+        with np.errstate(over="ignore"):  # an overflow to Inf is redone in fp64 below
+            d *= d
+            sq = float(d.sum())
+            return sq, float(np.power(d, LP_NORM / 2, out=d).sum()), float(np.einsum("i,i->", x, x))
 
     sums = _map_row_blocks(block, n, w.numel(), w.device)
     out = tuple(float(sum(s[i] for s in sums)) for i in range(3))

@@ -86,14 +86,28 @@ def test_unreadable_stored_format_is_refused_clearly(comfy_inproc):
 
 
 @pytest.mark.comfy_inproc
-def test_search_refuses_a_stored_format_source_clearly(comfy_inproc, tiny_models, tmp_path):
+def test_search_on_an_fp8_source_uses_the_dequantized_weights(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    """The search's option table holds the same codes as Apply Config on the fp8 model; its FP config computes what
+    the fp8 model computes (denoise error ≈ 0 against the fp8 model's own trajectory states)."""
     import comfy.sd
     import tiny_models as tm
 
+    from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.quant import QuantConfig
 
+    bridge.register_folders()
+    monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path / "cache")
     _scaled_fp8_file(tiny_models["pixart_sigma_d1"], tmp_path / "fp8.safetensors")
     mp = comfy.sd.load_diffusion_model(str(tmp_path / "fp8.safetensors"))
     pos, neg = tm.conditioning_for("pixart", seed=1), tm.conditioning_for("pixart", seed=2)
-    with pytest.raises(ValueError, match="stored in ComfyUI's quantized formats.*Search on the bf16/fp16 checkpoint"):
-        jobs.prepare(mp, pos, neg, jobs.SearchSpec(n_seeds=1, n_states=2, steps=2, width=64, height=64))
+    ctx = jobs.prepare(mp, pos, neg, jobs.SearchSpec(n_seeds=1, n_states=2, steps=2, width=384, height=384))
+    names = [la.name for la in ctx.layers]
+    assert ctx.evaluate({n: "fp16" for n in names})["denoise_error"] < 1e-4
+    w4 = ctx.evaluate({n: "uaq-4" for n in names})["denoise_error"]
+    w3 = ctx.evaluate({n: "uaq-3" for n in names})["denoise_error"]
+    assert 0 < w4 < w3 < 10
+    dm = bridge.diffusion_model(mp)
+    qdm = bridge.diffusion_model(bridge.apply_config(mp, QuantConfig.from_options(dm, {FP8_LAYERS[0]: "uaq-4"}))[0])
+    entry = ctx.table.get(FP8_LAYERS[0], "uaq-4")
+    assert torch.equal(entry.codes, qdm.get_submodule(FP8_LAYERS[0]).codes)
