@@ -540,13 +540,24 @@ def routed(model, fn):
     return out
 
 
+def empty_latent(model, width: int, height: int) -> torch.Tensor:
+    """The empty latent of one ``width``×``height`` image (video models: one frame, 5-D) in the MODEL's latent
+    format: its channels, dimensions and spatial compression (×8, Wan 2.2 ×16, …)."""
+    fmt = model.get_model_object("latent_format")
+    ratio = int(getattr(fmt, "spacial_downscale_ratio", 8))
+    if width % ratio or height % ratio or width < ratio or height < ratio:
+        raise ValueError(f"width and height must be positive multiples of {ratio} for this model's latents "
+                         f"(got {width}×{height})")
+    frames = (1,) if getattr(fmt, "latent_dimensions", 2) == 3 else ()
+    return torch.zeros(1, getattr(fmt, "latent_channels", 4), *frames, height // ratio, width // ratio)
+
+
 def sample_latents(model, positive, negative, *, seed: int, steps: int, cfg: float, sampler_name: str,
                    scheduler: str, width: int, height: int) -> torch.Tensor:
     """ComfyUI's KSampler on an empty latent of ``width``×``height`` pixels (fixed seed, no progress bar)."""
     import comfy.sample
 
-    channels = getattr(model.model.latent_format, "latent_channels", 4)
-    latent = torch.zeros(1, channels, height // 8, width // 8)
+    latent = comfy.sample.fix_empty_latent_channels(model, empty_latent(model, width, height))
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                seed=seed, disable_pbar=True)

@@ -180,6 +180,14 @@ def make_reference(model, positive, negative, spec: SearchSpec, fingerprint: str
     return Reference(states=states)
 
 
+def _frames(latents: torch.Tensor) -> torch.Tensor:
+    """Video latents ``[B, C, T, H, W]`` as ``[B·T, C, H, W]`` frames (images pass through)."""
+    if latents.dim() == 5:
+        b, c, t, h, w = latents.shape
+        return latents.transpose(1, 2).reshape(b * t, c, h, w)
+    return latents
+
+
 def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference: Reference):
     """``(evaluate, forward_once, primary)`` for ``spec``'s objective on a search copy of ``model`` (the same
     code in-process and on Ray workers)."""
@@ -199,12 +207,12 @@ def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference
 
         primary = "denoise_error"
     else:
-        metric = ImageDistance(reference.fp_latents)
+        metric = ImageDistance(_frames(reference.fp_latents))
         quant = bridge.routed(model, lambda apply_model, a: base.apply_model(a["input"], a["timestep"], **a["c"]))
 
         def objective() -> dict:
             out = torch.cat([bridge.sample_latents(quant, positive, negative, seed=s, **kw) for s in _seeds(spec)])
-            return metric(out)
+            return metric(_frames(out))
 
         def forward_once():
             return bridge.sample_latents(quant, positive, negative, seed=spec.seed, **{**kw, "steps": 1})
@@ -221,6 +229,7 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     layers = quantizable_layers(dm)
     if not layers:
         raise ValueError("this MODEL's denoiser has no quantizable Linear/Conv2d layers: nothing to search")
+    bridge.empty_latent(model, spec.width, spec.height)  # a bad size fails here, not after the option table
     fingerprint = layers_fingerprint(layers)
     settings = spec.settings(conditioning_digest(positive, negative))
     table = option_table(bridge.quantization_source(model), spec.options, cache_dir=bridge.cache_dir(),

@@ -42,6 +42,13 @@ class _QuantBase(nn.Module):
         self.register_buffer("bias", bias)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight this layer replaces as a shape/dtype descriptor on the meta device (no memory): model
+        code that only inspects ``layer.weight`` (ComfyUI 0.33's Wan feed-forward checks its type) runs; reading its
+        values fails loudly — use :meth:`dequantized_weight`."""
+        return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
+
+    @property
     def n_out(self) -> int:
         return self.weight_shape[0]
 

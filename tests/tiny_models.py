@@ -83,6 +83,11 @@ SPECS: dict[str, Spec] = {
                        "hydit", "HunyuanDiT", "taesdxl", 64),
     "hydit1_d1": Spec("HunyuanDiT1", dict(image_model="hydit1", depth=1, hidden_size=1408, size_cond=True,
                                           use_style_cond=True), "hydit", "HunyuanDiT", "taesdxl", 64),
+    # video (5-D latents): Wan 2.1 text-to-video at the smallest width detection allows (heads = dim // 128)
+    "wan21_tiny": Spec("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=128, ffn_dim=256, num_heads=1,
+                                         num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
+                                         patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
+                                         cross_attn_norm=True, eps=1e-6), "wan", "WAN21", "taesd", 64),
 }
 # What the tests and the demo use by default: one model per target family (SDXL: the smaller Vega).
 DEFAULT_MODELS = ("sd15_tiny", "sdxl_vega_narrow", "pixart_alpha_d1", "pixart_sigma_d1", "hydit_tiny")
@@ -95,6 +100,7 @@ COND_SHAPES: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {
     "sd15": ((1, 77, 768), {}),
     "sdxl": ((1, 77, 2048), {"pooled_output": (1, 1280)}),
     "pixart": ((1, 120, 4096), {}),
+    "wan": ((1, 32, 4096), {}),
     "hydit": ((1, 77, 1024), {"attention_mask": (1, 77), "conditioning_mt5xl": (1, 256, 2048),
                               "attention_mask_mt5xl": (1, 256)}),
 }
