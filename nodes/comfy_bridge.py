@@ -135,23 +135,15 @@ class Progress:
         self.bar.update_absolute(done, total)
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter and buffer (no memory)."""
+def _copy_tree(module: nn.Module, *, own_parameters: bool = False, skip: str | None = None) -> nn.Module:
+    """A copy of the module tree over the same tensors (no memory); the child ``skip`` is left out (the caller sets
+    it). With ``own_parameters`` every Parameter object is new (same storage): moving one tree (``param.data = …``
+    in ``Module.to``, ComfyUI's loading/offloading) then leaves the other's weights in place."""
     new = copy.copy(module)
-    new._parameters = dict(module._parameters)
+    new._parameters = ({k: _own_parameter(p) for k, p in module._parameters.items()} if own_parameters
+                       else dict(module._parameters))
     new._buffers = dict(module._buffers)
-    new._modules = {k: (_shallow_copy(v) if v is not None else None) for k, v in module._modules.items()}
-    return new
-
-
-def _independent_copy(module: nn.Module, skip: str | None = None) -> nn.Module:
-    """A copy of the module tree with its own Parameter objects over the same storage: no memory while both stay
-    where they are, and moving one (``param.data = …`` in ``Module.to``, ComfyUI's loading/offloading) leaves the
-    other's weights in place. The child ``skip`` is left out (the caller sets it)."""
-    new = copy.copy(module)
-    new._parameters = {k: _own_parameter(p) for k, p in module._parameters.items()}
-    new._buffers = dict(module._buffers)
-    new._modules = {k: (_independent_copy(v) if v is not None else None)
+    new._modules = {k: (_copy_tree(v, own_parameters=own_parameters) if v is not None else None)
                     for k, v in module._modules.items() if k != skip}
     return new
 
@@ -181,7 +173,7 @@ def _without_patcher_state(state: dict) -> dict:
 def _own_base_model(model, diffusion: nn.Module):
     """A BaseModel for ``diffusion`` that shares no mutable state with ``model.model``: its own modules and
     Parameter objects (same storage), none of the source patcher's load/offload bookkeeping."""
-    base = _independent_copy(model.model, skip="diffusion_model")
+    base = _copy_tree(model.model, own_parameters=True, skip="diffusion_model")
     base.__dict__ = _without_patcher_state(base.__dict__)
     base.diffusion_model = diffusion
     return base
@@ -321,7 +313,7 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     dm = diffusion_model(model)
     config.check_model(dm)
     _refuse_injections(model)
-    new_dm = _independent_copy(dm)
+    new_dm = _copy_tree(dm, own_parameters=True)
     patched = _source_weights(model, dm, config)
     for name, w in patched.items():
         new_dm.get_submodule(name).weight = nn.Parameter(w, requires_grad=False)
@@ -500,7 +492,8 @@ def journal_dir() -> Path:
 def search_copy(model) -> nn.Module:
     """A copy of the MODEL's BaseModel whose denoiser module tree is its own (parameters shared, no memory):
     the search swaps quantized layers into it while the MODEL itself keeps serving normal workflows. Layers stored
-    in ComfyUI's quantized formats hold their dense weights in the copy (:func:`quantization_source`)."""
+    in ComfyUI's quantized formats hold their dense weights in the copy (:func:`quantization_source`), so its
+    ``diffusion_model`` is also what the option table is built from."""
     base = copy.copy(model.model)
     base._modules = dict(model.model._modules)
     base._parameters = dict(model.model._parameters)
@@ -515,7 +508,7 @@ def quantization_source(model) -> nn.Module:
     in the model's compute dtype, with the format's own scaling switched off, so it computes what the source
     computes and quantizes to the same codes as Apply Config (:func:`source_weight`). Costs a dense copy of those
     layers only; for a dense model it is just the shared copy."""
-    view = _shallow_copy(diffusion_model(model))
+    view = _copy_tree(diffusion_model(model))
     dtype = None
     for info in quantizable_layers(view):
         module = view.get_submodule(info.name)

@@ -188,10 +188,10 @@ def _frames(latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
-def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference: Reference):
-    """``(evaluate, forward_once, primary)`` for ``spec``'s objective on a search copy of ``model`` (the same
-    code in-process and on Ray workers)."""
-    base = bridge.search_copy(model)
+def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference: Reference, base):
+    """``(evaluate, forward_once, primary)`` for ``spec``'s objective on ``base``, the search copy of ``model``
+    (:func:`.comfy_bridge.search_copy`, whose denoiser ``table`` was built from; the same code in-process and on
+    Ray workers)."""
     swapper = ConfigSwapper(base.diffusion_model, table, check_weights=False)
     kw = _sampling_kwargs(spec)
     if spec.objective == "denoise_error":
@@ -232,11 +232,11 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     bridge.empty_latent(model, spec.width, spec.height)  # a bad size fails here, not after the option table
     fingerprint = layers_fingerprint(layers)
     settings = spec.settings(conditioning_digest(positive, negative))
-    table = option_table(bridge.quantization_source(model), spec.options, cache_dir=bridge.cache_dir(),
-                         device=bridge._quant_device(),
-                         progress=progress)
+    base = bridge.search_copy(model)
+    table = option_table(base.diffusion_model, spec.options, cache_dir=bridge.cache_dir(),
+                         device=bridge._quant_device(), progress=progress)
     reference = make_reference(model, positive, negative, spec, fingerprint, settings)
-    evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference)
+    evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference, base)
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
     journal_kwargs = dict(model_fingerprint=fingerprint, objective=spec.objective,
                           settings={**settings, "sampler": sampler.settings()},

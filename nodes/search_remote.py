@@ -106,9 +106,9 @@ class RemoteEvaluate:
         cache = Path(self.cache_dir)
         if not _writable_dir(cache):
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qua2sedimo" / "option-tables"
-        table = option_table(bridge.quantization_source(model), spec.options, cache_dir=cache,
-                             device=bridge._quant_device())
-        evaluate, *_ = search_jobs.build_evaluate(model, positive, negative, spec, table, reference)
+        base = bridge.search_copy(model)
+        table = option_table(base.diffusion_model, spec.options, cache_dir=cache, device=bridge._quant_device())
+        evaluate, *_ = search_jobs.build_evaluate(model, positive, negative, spec, table, reference, base)
         return evaluate
 
 
