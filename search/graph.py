@@ -1,8 +1,11 @@
 """Layer graph of a denoiser: layer table, traced dataflow DAG and units (paper §3.1, §4.1).
 
 * **Layer table** — :func:`layer_table`: every quantizable layer (exactly ``quant.quantizable_layers``) with an op
-  type, block category and block index guessed from module names and classes (ComfyUI's PixArt, Hunyuan-DiT and
-  LDM U-Net names, common diffusers/MMDiT names; anything else is ``"other"``).
+  type, block category and block index guessed from module names and classes (ComfyUI's U-Net, PixArt, Hunyuan-DiT,
+  MMDiT/SD3, Flux/Chroma/HunyuanVideo double- and single-stream, Qwen-Image, Wan, Lumina 2 names, common diffusers
+  names; anything else is ``"other"``). Repeated blocks include refiner blocks (``noise_refiner.N``); adaLN
+  modulation layers of a block form their own ``"modulation"`` category; a single-stream block's fused layers are
+  ``SS-In`` (QKV + MLP-in) and ``SS-Out`` (attention-out + MLP-out) in the ``"single-stream"`` category.
 * **DAG** — :func:`trace_graph` runs one real forward pass under a ``TorchFunctionMode`` and follows tensor
   provenance: every floating tensor carries the set of graph nodes it was computed from. A weight layer's output
   comes from that layer alone; edges run from the producers of its input to it. Element-wise and view ops pass the
@@ -62,8 +65,10 @@ _POOL = re.compile(r"pool")
 _T_EMBED = re.compile(r"^t_embed|^time_?(?:embed|in$|proj|_text_embed)|^timestep_?embed|^temb")
 _V_EMBED = re.compile(r"label_emb|extra_embed|csize_embed|ar_embed|size_embed|vector_in|guidance_in|add_embed|"
                       r"class_embed|style_embed|resolution_embed|aspect_ratio_embed")
-_C_EMBED = re.compile(r"caption|^y_embedder$|y_proj|mlp_t5|context_embedder|txt_in|text_embed|encoder_hid|"
+_C_EMBED = re.compile(r"caption|^y_embedder$|y_proj|mlp_t5|context_embedder|txt_in|^text_embed|encoder_hid|"
                       r"cap_embed|text_proj|context_proj")
+# Chroma's modulation approximator: a global network from timestep/guidance to every block's modulation vectors.
+_MOD_APPROX = re.compile(r"distilled_guidance|approximator")
 _PATCHIFY = re.compile(r"x_embedder|patch_embed|patchify|^img_in$|^pos_embed$")
 _ATTN = re.compile(r"attn|attention")
 _CROSS = re.compile(r"cross|attn2|" + _W + "ca" + _W_END)
@@ -75,10 +80,14 @@ _ADALN = re.compile(r"adaln|modulation|^t_block$|" + _W + "mod" + _W_END)
 _FINAL = re.compile(r"^(?:final_layer|final|norm_out|proj_out|out|conv_out|out_layer|final_linear|head)$")
 _FF = re.compile(r"^(?:mlp|ff|ffn|feed_forward|feedforward|ff_net|mlp_block)$|_mlp$|^mlp_")
 _FF_CLASSES = ("FeedForward", "Mlp", "MLP", "GEGLU")
+# The down-projection of a feed-forward module, by name (SwiGLU's w2 is registered before w3); otherwise the last.
+_FF_DOWN = re.compile(r"^(?:w2|fc2|down_proj|c_proj|wo|fc_out|out_proj|linear_?2|proj_out)$")
+_SINGLE = re.compile(r"^single_(?:transformer_)?blocks$")
+_SS_ROLES = {"linear1": "SS-In", "linear2": "SS-Out"}
 _RES = (("res-conv1", re.compile(r"^(?:in_layers|conv1)$")), ("res-conv2", re.compile(r"^(?:out_layers|conv2)$")),
         ("time-proj", re.compile(r"^(?:emb_layers|time_emb_proj)$")),
         ("res-skip", re.compile(r"^(?:skip_connection|conv_shortcut|nin_shortcut)$")))
-_BLOCK_LIST = re.compile(r"(?:^|_)blocks$|^layers$|^resnets$|^attentions$")
+_BLOCK_LIST = re.compile(r"(?:^|_)blocks$|^layers$|^resnets$|^attentions$|(?:^|_)refiner$")
 _BLOCK_ONE = re.compile(r"^(?:middle|mid)_block$")
 
 
@@ -125,7 +134,8 @@ def _attn_op(words: list[str], classes: list[str]) -> str | None:
     if at is None:
         return None
     w, cls = words[at], classes[at] if at < len(classes) else ""
-    cross = bool(_CROSS.search(w)) or ("Cross" in cls and not _SELF.search(w))
+    # by name or class, unless the class says self-attention (SD3.5's x_block.attn2 is a SelfAttention)
+    cross = (bool(_CROSS.search(w)) or "Cross" in cls) and not (_SELF.search(w) or "SelfAttention" in cls)
     leaf = words[-1]
     role = next((r for r, pat in _ROLES if pat.search(leaf)), "Out")
     return f"{'CA' if cross else 'SA'}-{role}"
@@ -140,7 +150,9 @@ def classify_layer(name: str, kind: str = "linear", classes: Sequence[str] = ())
     in_block = bool(block_path(name)[1])
     op = _op_type(name, kind, words, wclasses, list(classes), in_block)
     if op == "adaln":
-        cat = "self-attn" if in_block else ("out-proj" if _FINAL.search(words[0]) else "t-embed")
+        cat = "modulation" if in_block else ("out-proj" if _FINAL.search(words[0]) else "t-embed")
+    elif op.startswith("SS-"):
+        cat = "single-stream"
     elif op.startswith("SA-"):
         cat = "self-attn"
     elif op.startswith("CA-"):
@@ -152,15 +164,37 @@ def classify_layer(name: str, kind: str = "linear", classes: Sequence[str] = ())
     return op, cat
 
 
+_EMBEDS = (("c-embed", _C_EMBED), ("v-embed", _V_EMBED), ("t-embed", _T_EMBED), ("patchify", _PATCHIFY))
+
+
+def _embed_op(anc: list[str]) -> str | None:
+    """Embedder op type of the innermost ancestor that names one (``time_text_embed.timestep_embedder`` is a
+    timestep embedder, not a text embedder)."""
+    for w in reversed(anc):
+        for op, pat in _EMBEDS:
+            if pat.search(w):
+                return op
+    return None
+
+
 def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classes: list[str], in_block: bool) -> str:
-    anc = [p.lower() for p in name.split(".")[:-1] if not p.isdigit()] or words
+    parts = name.split(".")
+    anc = [p.lower() for p in parts[:-1] if not p.isdigit()] or words
+    if any(_MOD_APPROX.search(w) for w in anc):
+        return "v-embed"
     if any(_POOL.search(w) for w in anc) or any("Pool" in c for c in classes[:-1]):
         return "pool"
-    for op, pat in (("c-embed", _C_EMBED), ("v-embed", _V_EMBED), ("t-embed", _T_EMBED), ("patchify", _PATCHIFY)):
-        if any(pat.search(w) for w in anc):
-            return op
+    if in_block:  # inside a repeated block only the names below it count (HunyuanVideo's txt_in refiner blocks)
+        inner = block_path(name)[1]
+        anc = [p.lower() for p in parts[len(inner.split(".")):-1] if not p.isdigit()]
+    embed = _embed_op(anc)
+    if embed is not None:
+        return embed
     if any(_ADALN.search(w) for w in words) or (len(words) > 1 and any("norm" in w for w in words[:-1])):
         return "adaln"
+    if in_block and words[-1] in _SS_ROLES and (any(_SINGLE.search(w) for w in words)
+                                                 or any("SingleStream" in c for c in classes)):
+        return _SS_ROLES[words[-1]]
     attn = _attn_op(words, wclasses)
     if attn is not None:
         return attn
@@ -181,14 +215,14 @@ def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classe
         return "proj-out"
     if any("skip" in w for w in words):
         return "skip"
-    parts = name.split(".")
     if words[0] == "conv_in" or (parts[0] == "input_blocks" and parts[1:2] == ["0"]):
         return "conv-in"
     return "other"
 
 
 def _ff_roles(names: list[str]) -> dict[str, str]:
-    """FF-1 for every layer of an FF module but its last, FF-2 for the last (module order)."""
+    """FF-2 for the down-projection of each FF module (by name, e.g. SwiGLU's ``w2``; else its last layer in module
+    order), FF-1 for the others (up and gate projections)."""
     by_module: dict[str, list[str]] = defaultdict(list)
     for n in names:
         parts = n.split(".")
@@ -196,8 +230,10 @@ def _ff_roles(names: list[str]) -> dict[str, str]:
         by_module[".".join(parts[: cut + 1])].append(n)
     roles = {}
     for members in by_module.values():
-        for i, n in enumerate(members):
-            roles[n] = "FF-2" if i == len(members) - 1 and len(members) > 1 else "FF-1"
+        named = [n for n in members if _FF_DOWN.search(n.rsplit(".", 1)[-1].lower())]
+        down = named[0] if len(named) == 1 else members[-1]
+        for n in members:
+            roles[n] = "FF-2" if n == down and len(members) > 1 else "FF-1"
     return roles
 
 

@@ -184,7 +184,7 @@ def preds(graph: LayerGraph, name: str) -> set[str]:
     ("blocks.7.attn1.Wqkv", "linear", "SA-QKV", "self-attn"),
     ("blocks.7.attn2.kv_proj", "linear", "CA-KV", "cross-attn"),
     ("blocks.7.attn2.out_proj", "linear", "CA-Out", "cross-attn"),
-    ("blocks.7.default_modulation.1", "linear", "adaln", "self-attn"),
+    ("blocks.7.default_modulation.1", "linear", "adaln", "modulation"),
     ("blocks.30.skip_linear", "linear", "skip", "skip"),
     ("final_layer.adaLN_modulation.1", "linear", "adaln", "out-proj"),
     ("time_embed.0", "linear", "t-embed", "t-embed"),
@@ -228,7 +228,39 @@ def test_layer_table_ff_roles_and_block_index():
     assert table["blocks.2.mlp.0"].op_type == "FF-1" and table["blocks.2.mlp.2"].op_type == "FF-2"
     assert [table[f"blocks.{i}.attn.qkv"].block_index for i in range(3)] == [0, 1, 2]
     assert table["t_embedder.0"].block_index == -1 and table["t_embedder.0"].block == ""
-    assert table["blocks.1.adaLN_modulation.1"].block_category == "self-attn"
+    assert table["blocks.1.adaLN_modulation.1"].block_category == "modulation"
+
+
+def test_swiglu_down_projection_is_ff2_and_refiners_are_blocks():
+    class FF(nn.Module):  # Lumina 2 / LLaMA order: w1 (gate), w2 (down), w3 (up)
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 16)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feed_forward = FF()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.noise_refiner = nn.ModuleList([Block()])
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    table = {la.name: la for la in layer_table(Net())}
+    assert {n: la.op_type for n, la in table.items() if n.startswith("layers.1")} == {
+        "layers.1.feed_forward.w1": "FF-1", "layers.1.feed_forward.w2": "FF-2", "layers.1.feed_forward.w3": "FF-1"}
+    assert [table[f"{b}.feed_forward.w1"].block_index for b in ("noise_refiner.0", "layers.0", "layers.1")] == [0, 1, 2]
+
+
+def test_attention_class_overrides_the_attn2_name():
+    # SD3.5's x_block.attn2 is a second self-attention (class SelfAttention), the U-Net's attn2 a cross-attention
+    sd35 = ["ModuleList", "JointBlock", "DismantledBlock", "SelfAttention", "Linear"]
+    assert classify_layer("joint_blocks.0.x_block.attn2.qkv", "linear", sd35) == ("SA-QKV", "self-attn")
+    unet = ["", "", "", "", "", "CrossAttention", ""]
+    assert classify_layer("input_blocks.4.1.transformer_blocks.0.attn2.to_k", "linear", unet) == ("CA-K", "cross-attn")
+    assert classify_layer("input_blocks.4.1.transformer_blocks.0.attn1.to_k", "linear", unet) == ("SA-K", "self-attn")
 
 
 # ---------------------------------------------------------------------------------------- toy DAGs
@@ -279,11 +311,14 @@ def test_toy_dit_units():
     graph = trace_toy(model)
     units = {u.name: u for u in graph.units("block")}
     assert set(units) == {"patchify", "t-embed", "c-embed", "out-proj",
-                          *(f"blocks.{i}/{c}" for i in range(2) for c in ("self-attn", "cross-attn", "feedforward"))}
+                          *(f"blocks.{i}/{c}" for i in range(2)
+                            for c in ("modulation", "self-attn", "cross-attn", "feedforward"))}
     sa = units["blocks.0/self-attn"]
-    assert sa.members == ("blocks.0.adaLN_modulation.1", "blocks.0.attn.qkv", "blocks.0.attn.proj")
-    assert sa.output_node == "blocks.0.attn.proj" and sa.hop == 5  # ada → modulate → qkv → qk → av → proj
-    assert set(sa.nodes) == {*sa.members, "blocks.0/modulate_0", "blocks.0.attn/matmul_0", "blocks.0.attn/matmul_1"}
+    assert sa.members == ("blocks.0.attn.qkv", "blocks.0.attn.proj")
+    assert sa.output_node == "blocks.0.attn.proj" and sa.hop == 3  # qkv → qk → av → proj
+    assert set(sa.nodes) == {*sa.members, "blocks.0.attn/matmul_0", "blocks.0.attn/matmul_1"}
+    mod = units["blocks.0/modulation"]  # adaLN modulation: its own unit, not part of the attention
+    assert mod.members == ("blocks.0.adaLN_modulation.1",) and mod.hop == 0
     ca = units["blocks.0/cross-attn"]
     assert ca.output_node == "blocks.0.cross_attn.proj" and ca.hop == 3 and ca.block_index == 0
     assert units["blocks.1/feedforward"].hop == 1 and units["blocks.1/feedforward"].block_index == 1
@@ -461,7 +496,7 @@ def _expected_hydit(dm: nn.Module) -> tuple[Counter, Counter, int]:
     # per block: norm1(x) + shift, 3 residual adds, 4 attention matmuls; global: pooler attention, t + extra,
     # final modulation
     combine = Counter({"add": 4 * depth + 1, "matmul": 4 * depth + 2, "modulate": 1})
-    units = 3 * depth + skip + 5  # text embedder, pooler, t-embed, patchify, out-proj
+    units = 4 * depth + skip + 5  # SA, CA, FF, modulation per block; text embedder, pooler, t-embed, patchify, out-proj
     return ops, combine, units
 
 
@@ -488,8 +523,8 @@ def test_real_architecture_graph(name, comfy_inproc, tiny_models):
     assert "other" not in graph.op_type_counts()
     hops = {(u.category, u.hop) for u in graph.units("block") if u.category in ("cross-attn", "feedforward")}
     assert hops == {("cross-attn", 3), ("feedforward", 1)}
-    sa_hop = 5 if ARCH[name] == "hydit" else 3  # Hunyuan's self-attention unit holds its AdaLN linear
-    assert {u.hop for u in graph.units("block") if u.category == "self-attn"} == {sa_hop}
+    # Hunyuan's AdaLN linear is a unit of its own now, so every self-attention unit is qkv → qk → av → out
+    assert {u.hop for u in graph.units("block") if u.category == "self-attn"} == {3}
     back = LayerGraph.from_json(graph.to_json())
     assert back.units("block") == graph.units("block")
     assert graph.to_dot().count(" -> ") == len(graph.edges)
