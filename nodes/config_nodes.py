@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 from comfy_api.latest import io, ui
 
-from ..quant import OPTIONS, QuantConfig, quantizable_layers
+from ..quant import OPTIONS, QuantConfig
+from ..quant.config import rule_matches
+from ..search.graph import layer_tags
 from . import comfy_bridge as bridge
 from .sockets import CATEGORY, Config
 
@@ -42,10 +42,12 @@ class UniformConfig(io.ComfyNode):
         return io.NodeOutput(cfg, ui=ui.PreviewText(_describe(cfg)))
 
 
-DEFAULT_RULES = """# pattern = option, first match wins (globs over layer names; see the Apply Config summary)
-*mlp.fc* = kmeans_c-3
-*ff.net.* = kmeans_c-3
-*attn* = uaq-4
+DEFAULT_RULES = """# pattern = option, first match wins; unmatched layers get 'default'.
+# A pattern is @ + an op type or block category (@feedforward, @self-attn, @cross-attn, @modulation,
+# @single-stream, @FF-2, @SA-QKV, @t-embed ...) or a glob over layer names (*.mlp.fc2, double_blocks.*).
+@feedforward = kmeans_c-3
+@self-attn = uaq-4
+@cross-attn = uaq-4
 """
 
 
@@ -57,10 +59,14 @@ class RulesConfig(io.ComfyNode):
             display_name="Qua2SeDiMo Rules Config",
             category=CATEGORY,
             description="A mixed config from 'pattern = option' lines (first match wins); unmatched layers get "
-            "the default option. Patterns that match no layer are ignored only if 'strict' is off.",
+            "the default option. A pattern is @ + an op type or block category (@feedforward, @self-attn, "
+            "@modulation, …: works on every architecture) or a glob over layer names. Patterns that match no "
+            "layer are ignored only if 'strict' is off.",
             inputs=[
                 io.Model.Input("model"),
-                io.String.Input("rules", default=DEFAULT_RULES, multiline=True),
+                io.String.Input("rules", default=DEFAULT_RULES, multiline=True,
+                                tooltip="'pattern = option' per line: @category / @op-type or a layer-name glob; "
+                                        "options: uaq-3/4, kmeans_c-3/4, kmeans_a-3/4, fp16"),
                 io.Combo.Input("default", options=[*OPTIONS, "fp16"], default="uaq-4"),
                 io.Boolean.Input("strict", default=False,
                                  tooltip="fail when a rule matches no layer (off: such rules are skipped)"),
@@ -72,12 +78,12 @@ class RulesConfig(io.ComfyNode):
     def execute(cls, model, rules: str, default: str, strict: bool) -> io.NodeOutput:
         dm = bridge.diffusion_model(model)
         parsed = QuantConfig.parse_rules(rules)
+        tags = layer_tags(dm)
         skipped = []
         if not strict:
-            names = [la.name for la in quantizable_layers(dm)]
-            skipped = [p for p, _ in parsed if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+            skipped = [p for p, _ in parsed if not any(rule_matches(p, n, tags) for n in tags)]
             parsed = [(p, o) for p, o in parsed if p not in skipped]
-        cfg = QuantConfig.from_rules(dm, parsed, default=default)
+        cfg = QuantConfig.from_rules(dm, parsed, default=default, tags=tags)
         text = _describe(cfg) + (f"; rules matching no layer (skipped): {', '.join(skipped)}" if skipped else "")
         return io.NodeOutput(cfg, ui=ui.PreviewText(text))
 

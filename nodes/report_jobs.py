@@ -73,7 +73,12 @@ def _measure_baselines(handle: SearchHandle, journal: Journal) -> None:
 
 def _baselines(records: Sequence[Record], targets: Sequence[float]) -> dict:
     out: dict = {}
-    uniform = {next(iter(r.options.values())): r for r in records if r.source == "uniform"}
+    # any record whose layers all share one option (a knapsack at b̄ 4.0 may have built uniform UAQ-4 first)
+    uniform: dict[str, Record] = {}
+    for r in sorted(records, key=lambda r: r.source != "uniform"):
+        options = set(r.options.values())
+        if len(options) == 1 and math.isfinite(r.primary):
+            uniform.setdefault(options.pop(), r)
     for option in ("uaq-4", "uaq-3"):
         r = uniform.get(option)
         out[f"uniform_{option.replace('-', '')}"] = ({"objective": r.primary, "avg_bits": r.avg_bits}
@@ -144,6 +149,11 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     report["predictor"] = _predictor_summary(ensemble, baseline)
     report["constructed"] = _measured(records, constructions)
     report["baselines"] = _baselines(records, targets)
+    if not any(s.score != 0 and math.isfinite(s.score) for s in scores):
+        report.setdefault("recommendations", []).insert(0, (
+            f"WARNING: every sensitivity score is 0 — the predictor could not rank the {n_random} evaluated configs "
+            f"(held-out Spearman {report['predictor'].get('spearman')}); the insights and the constructions are "
+            "meaningless: run the search longer (≥ 50 configs; ~200 for stable insights)"))
     sampled = sorted({s.unit for s in scores if getattr(s, "sampled", False)})
     report["sampled_block_units"] = sampled  # block units with more variants than scored: a seeded sample
     if sampled:

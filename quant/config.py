@@ -29,6 +29,17 @@ def _near(name: str, names: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def rule_matches(pattern: str, name: str, tags: Mapping[str, Iterable[str]] | None = None) -> bool:
+    """Whether a rule pattern selects layer ``name``: a name glob, or ``@tag`` against the layer's tags."""
+    if not pattern.startswith("@"):
+        return fnmatch.fnmatchcase(name, pattern)
+    if tags is None:
+        raise ValueError(f"rule {pattern!r} selects by op type/category: pass the layer tags "
+                         "(search.graph.layer_tags(model)), or use a glob over layer names")
+    want = pattern[1:].strip().lower()
+    return any(t.lower() == want for t in tags.get(name, ()))
+
+
 @dataclass
 class QuantConfig:
     """A per-layer choice of quantization option for one model architecture.
@@ -89,12 +100,16 @@ class QuantConfig:
 
     @classmethod
     def from_rules(
-        cls, model: ModelLike, rules: Iterable[tuple[str, str]], default: str = FP_OPTION, meta: dict | None = None
+        cls, model: ModelLike, rules: Iterable[tuple[str, str]], default: str = FP_OPTION, meta: dict | None = None,
+        tags: Mapping[str, Iterable[str]] | None = None,
     ) -> QuantConfig:
-        """Options by glob rules ``(pattern, option)``, first match wins; unmatched layers get ``default``.
+        """Options by rules ``(pattern, option)``, first match wins; unmatched layers get ``default``.
 
-        Rules are portable across models of one architecture family (e.g. ``("*.mlp.fc2", "kmeans_c-3")``);
-        a pattern that matches no layer is an error, so typos do not pass silently.
+        A pattern is a glob over layer names (``"*.mlp.fc2"``) or ``@tag``: a layer whose ``tags`` (its op type and
+        block category from the layer table, e.g. ``@feedforward``, ``@self-attn``, ``@FF-2``, ``@modulation``;
+        case-insensitive) include it — portable across architectures whatever they name their layers.
+        ``search.graph.layer_tags(model)`` gives the tags. A pattern that matches no layer is an error, so typos
+        do not pass silently.
         """
         layers = quantizable_layers(model)
         if not layers:
@@ -103,10 +118,12 @@ class QuantConfig:
         rules = list(rules)
         for pattern, option in rules:
             parse_option(option, pattern)
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ValueError(f"rule pattern {pattern!r} matches no layer{_near(pattern, names)}")
+            if not any(rule_matches(pattern, n, tags) for n in names):
+                vocabulary = sorted({f"@{t}" for ts in (tags or {}).values() for t in ts})
+                near = _near(pattern, vocabulary if pattern.startswith("@") else names)
+                raise ValueError(f"rule pattern {pattern!r} matches no layer{near}")
         parse_option(default)
-        options = {n: next((o for p, o in rules if fnmatch.fnmatchcase(n, p)), default) for n in names}
+        options = {n: next((o for p, o in rules if rule_matches(p, n, tags)), default) for n in names}
         return cls(options, layers, dict(meta or {}, rule="rules", rules=[list(r) for r in rules], default=default))
 
     @staticmethod
@@ -118,7 +135,8 @@ class QuantConfig:
             if not line:
                 continue
             if line.count("=") != 1:
-                raise ValueError(f"rule line {lineno} {raw.strip()!r}: write 'pattern = option', e.g. '*.fc2 = uaq-3'")
+                raise ValueError(f"rule line {lineno} {raw.strip()!r}: write 'pattern = option', e.g. '*.fc2 = uaq-3' "
+                                 "or '@feedforward = kmeans_c-3'")
             pattern, option = (s.strip() for s in line.split("="))
             parse_option(option, f"rule line {lineno}")
             rules.append((pattern, option))

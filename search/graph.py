@@ -262,6 +262,12 @@ def layer_table(model: nn.Module | Iterable[LayerInfo]) -> list[LayerNode]:
     return out
 
 
+def layer_tags(model: nn.Module | Iterable[LayerInfo]) -> dict[str, tuple[str, ...]]:
+    """Each quantizable layer's tags for ``@tag`` rules (``quant.QuantConfig.from_rules``): its op type, block
+    category and kind (``FF-2``, ``feedforward``, ``linear``)."""
+    return {n.name: (n.op_type, n.block_category, n.kind) for n in layer_table(model)}
+
+
 # -------------------------------------------------------------------------------------------- tracing
 
 _ADD = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",

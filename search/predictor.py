@@ -494,10 +494,22 @@ class Split:
     test: np.ndarray
 
 
-def make_folds(n: int, folds: int, seed: int, val_fraction: float) -> list[Split]:
-    """Seeded K-fold test splits; a ``val_fraction`` of each fold's rest is its validation part."""
-    if folds < 2 or folds > n:
+MIN_TEST_FOLD = 5  # held-out configs per fold below which fewer folds are used (a rank correlation of 2 is NaN)
+
+
+def fold_count(n: int, folds: int) -> int:
+    """Folds actually used for ``n`` records: at most ``folds``, at least 2, and each test fold holding
+    ``MIN_TEST_FOLD`` records where ``n`` allows (10 configs with 5 folds → 2 folds of 5, not 5 folds of 2 whose
+    held-out Spearman is undefined and would zero every sensitivity score)."""
+    if folds < 2 or n < 2:
         raise ValueError(f"folds must be between 2 and the number of records ({n}), got {folds}")
+    return max(2, min(folds, n // MIN_TEST_FOLD))
+
+
+def make_folds(n: int, folds: int, seed: int, val_fraction: float) -> list[Split]:
+    """Seeded K-fold test splits (``fold_count(n, folds)`` of them); a ``val_fraction`` of each fold's rest is its
+    validation part."""
+    folds = fold_count(n, folds)
     perm = np.random.default_rng(seed).permutation(n)
     parts = np.array_split(perm, folds)
     out = []
@@ -797,6 +809,9 @@ def train_predictor(graph: LayerGraph, features: FeatureBuilder, records: Sequen
     pool, has_units = hop_pool_matrix(graph, layers)
     src, dst = _with_self_loops(graph.edges, len(graph.nodes))
     splits = make_folds(len(configs), folds, seed, val_fraction)
+    hyper["folds_used"] = len(splits)
+    if log and len(splits) < folds:
+        log(f"{len(configs)} configs: {len(splits)} folds instead of {folds} (≥ {MIN_TEST_FOLD} held out per fold)")
     fold_models, per_fold = [], []
     oof = np.zeros(len(configs))
     t0 = time.perf_counter()

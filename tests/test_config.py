@@ -122,6 +122,42 @@ def test_rules_errors_name_the_line_and_pattern():
         QuantConfig.from_rules(m, [("blocks.9", "uaq-4")])
 
 
+def test_rules_by_op_type_and_category():
+    """'@feedforward' selects by the layer table's category whatever the architecture names its layers."""
+    m = tiny()
+    tags = {"patch": ("patchify", "patchify", "linear"), "blocks.0": ("FF-1", "feedforward", "linear"),
+            "blocks.1": ("FF-2", "feedforward", "linear"), "blocks.2": ("SA-QKV", "self-attn", "linear"),
+            "final_layer": ("out-proj", "out-proj", "linear")}
+    rules = QuantConfig.parse_rules("@ff-2 = uaq-3\n@feedforward = kmeans_c-3\n*layer = fp16")
+    cfg = QuantConfig.from_rules(m, rules, default="uaq-4", tags=tags)
+    assert cfg.options == {"patch": "uaq-4", "blocks.0": "kmeans_c-3", "blocks.1": "uaq-3", "blocks.2": "uaq-4",
+                           "final_layer": "fp16"}
+    with pytest.raises(ValueError, match="'@feedfwd' matches no layer.*did you mean '@feedforward'"):
+        QuantConfig.from_rules(m, [("@feedfwd", "uaq-3")], tags=tags)
+    with pytest.raises(ValueError, match="pass the layer tags"):
+        QuantConfig.from_rules(m, [("@feedforward", "uaq-3")])
+
+
+def test_layer_tags_of_a_real_layer_table():
+    from qua2sedimo.search.graph import layer_tags
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = nn.Linear(8, 24), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+
+    net = Net()
+    tags = layer_tags(net)
+    assert tags["blocks.0.mlp.2"] == ("FF-2", "feedforward", "linear")
+    cfg = QuantConfig.from_rules(net, [("@feedforward", "kmeans_c-3")], default="uaq-4", tags=tags)
+    assert cfg.options == {"blocks.0.attn": "uaq-4", "blocks.0.mlp.0": "kmeans_c-3", "blocks.0.mlp.2": "kmeans_c-3"}
+
+
 @pytest.mark.parametrize("spelling", ["uaq-03", "uaq-٤", "uaq-４", "uaq-+4", "uaq- 4"])
 def test_options_are_ascii_and_canonical(spelling):
     """'uaq-03' or 'uaq-٤' must not become a second spelling of an option (duplicate cache entries)."""

@@ -261,6 +261,16 @@ def test_deterministic_with_seed(data):
     assert not np.array_equal(a.predict(cfgs), c.predict(cfgs))
 
 
+def test_few_configs_use_fewer_folds_so_held_out_ranks_are_defined():
+    """Node defaults (10 configs, 5 folds) used to hold out 2 configs per fold: NaN Spearman, all scores 0."""
+    from qua2sedimo.search.predictor import fold_count
+
+    assert [fold_count(n, 5) for n in (4, 10, 14, 25, 200)] == [2, 2, 2, 5, 5]
+    assert all(len(f.test) == 5 for f in make_folds(10, 5, 0, 0.15))
+    with pytest.raises(ValueError, match="folds must be"):
+        fold_count(10, 1)
+
+
 def test_folds_are_shared():
     s = make_folds(50, 5, 0, 0.15)
     tests = np.concatenate([f.test for f in s])
