@@ -50,19 +50,46 @@ _SDXL_NARROW = dict(_U, adm_in_channels=2816, num_classes="sequential", model_ch
                     use_linear_in_transformer=True, context_dim=2048)
 
 
+_WAN = dict(image_model="wan2.1", model_type="t2v", dim=128, ffn_dim=256, num_heads=1, num_layers=2, in_dim=16,
+            out_dim=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
+            cross_attn_norm=True, eps=1e-6)
+# MMDiT: detection reads hidden = 64 * depth from the patch embedder
+_MMDIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048, input_size=None,
+              context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                               "out_features": 128}},
+              num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
+_HUNYUAN_VIDEO = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
+                      vec_in_dim=768, axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096, hidden_size=128,
+                      mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, theta=256, qkv_bias=True,
+                      byt5=False, guidance_embed=True, use_cond_type_embedding=False, vision_in_dim=None)
+_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=128,
+             mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+             patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
 @dataclass(frozen=True)
 class Spec:
     cls: str                 # comfy.supported_models class that detection must pick
     config: dict             # unet_config given to that class
-    arch: str                # conditioning family: sd15 | sdxl | pixart | hydit
+    arch: str                # conditioning family (COND_SHAPES)
     model_base: str          # comfy.model_base class of the loaded model
     vae: str                 # TAESD matching the latent format: taesd (SD15) | taesdxl (SDXL)
     image_px: int            # smallest convenient image side for sampling (PixArt needs >= ~264)
     extra: dict = field(default_factory=dict)
+    host_config: dict = field(default_factory=dict)  # ComfyUI version prefix -> extra unet_config keys it needs
+    hosts: tuple[str, ...] = ()  # version prefixes whose detection accepts this width (empty: every host)
 
     @property
     def latent_px(self) -> int:
         return self.image_px // 8
+
+    def config_for(self, version: str) -> dict:
+        """The unet_config for ComfyUI ``version`` (newer hosts added required parameters)."""
+        extra = next((v for k, v in self.host_config.items() if version.startswith(k)), {})
+        return {**self.config, **extra}
+
+    def available_on(self, version: str) -> bool:
+        return not self.hosts or any(version.startswith(h) for h in self.hosts)
 
 
 SPECS: dict[str, Spec] = {
@@ -84,11 +111,57 @@ SPECS: dict[str, Spec] = {
     "hydit1_d1": Spec("HunyuanDiT1", dict(image_model="hydit1", depth=1, hidden_size=1408, size_cond=True,
                                           use_style_cond=True), "hydit", "HunyuanDiT", "taesdxl", 64),
     # video (5-D latents): Wan 2.1 text-to-video at the smallest width detection allows (heads = dim // 128)
-    "wan21_tiny": Spec("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=128, ffn_dim=256, num_heads=1,
-                                         num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-                                         patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
-                                         cross_attn_norm=True, eps=1e-6), "wan", "WAN21", "taesd", 64),
+    "wan21_tiny": Spec("WAN21_T2V", dict(_WAN), "wan", "WAN21", "taesd", 64),
+    # 2025-26 architectures at the smallest width their detection allows (see tests/test_architectures.py)
+    "wan22_tiny": Spec("WAN22_T2V", dict(_WAN, in_dim=48, out_dim=48), "wan", "WAN22", "taesd", 64),
+    "sd3_tiny": Spec("SD3", dict(_MMDIT), "sd3", "SD3", "taesd", 64),
+    "sd35_tiny": Spec("SD3", dict(_MMDIT, qk_norm="rms", x_block_self_attn_layers=[0]), "sd3", "SD3", "taesd", 64),
+    "hunyuan_video_tiny": Spec("HunyuanVideo", dict(_HUNYUAN_VIDEO), "hunyuan_video", "HunyuanVideo", "taesd", 64,
+                               host_config={"0.33": {"meanflow_sum": False}}),
+    # Flux at hidden 128 (1 head): 0.33 derives the heads from the width; 0.3.75 fixes 24 heads (hidden 3072)
+    "flux_dev_tiny": Spec("Flux", dict(_FLUX), "flux", "Flux", "taesd", 64,
+                          host_config={"0.33": {"txt_ids_dims": []}}, hosts=("0.33",)),
+    "flux_schnell_tiny": Spec("FluxSchnell", dict(_FLUX, guidance_embed=False), "flux", "Flux", "taesd", 64,
+                              host_config={"0.33": {"txt_ids_dims": []}}, hosts=("0.33",)),
 }
+# Architectures whose detection fixes the width (Qwen-Image 3072, Chroma 3072 + a 5120-wide approximator, Lumina 2
+# 2304, Z-Image 3840; Flux 3072 on 0.3.75): 0.2-0.9 B weights even at one block, too big to sample in the tests, so
+# they are built on the meta device (no memory) for detection and layer-table checks only.
+_FULL_FLUX = dict(_FLUX, hidden_size=3072, num_heads=24)
+FULL_WIDTH: dict[str, Spec] = {
+    "flux_dev_full": Spec("Flux", _FULL_FLUX, "flux", "Flux", "taesd", 64, host_config={"0.33": {"txt_ids_dims": []}}),
+    "chroma_full": Spec("Chroma", dict(
+        {k: v for k, v in _FULL_FLUX.items() if k not in ("vec_in_dim", "guidance_embed")}, image_model="chroma",
+        in_channels=64, out_channels=64, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5, patch_size=1),
+        "flux", "Chroma", "taesd", 64, host_config={"0.33": {"txt_ids_dims": [], "vec_in_dim": None}}),
+    "qwen_image_full": Spec("QwenImage", dict(image_model="qwen_image", in_channels=64, num_layers=1), "qwen",
+                            "QwenImage", "taesd", 64),
+    "lumina2_full": Spec("Lumina2", dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=2304, cap_feat_dim=2304, n_layers=1, qk_norm=True,
+        n_heads=24, n_kv_heads=8, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512], rope_theta=10000.0,
+        ffn_dim_multiplier=4.0), "lumina2", "Lumina2", "taesd", 64),
+    "zimage_full": Spec("ZImage", dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=1, qk_norm=True,
+        n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+        ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
+        "lumina2", "Lumina2", "taesd", 64),
+}
+
+
+def build_meta(name: str) -> tuple[Any, str]:
+    """(diffusion model on the meta device, class name ComfyUI's detection picks for its state dict) of a
+    :data:`FULL_WIDTH` or :data:`SPECS` model: no weights are allocated."""
+    comfy_host.setup_inprocess()
+    import comfy.model_detection
+    import comfy.supported_models as sm
+
+    spec = FULL_WIDTH.get(name) or SPECS[name]
+    with torch.device("meta"):
+        dm = getattr(sm, spec.cls)(spec.config_for(comfy_host.host_version())).get_model({}).diffusion_model
+    detected = comfy.model_detection.model_config_from_unet(dm.state_dict(), "")
+    return dm, type(detected).__name__ if detected is not None else "None"
+
+
 # What the tests and the demo use by default: one model per target family (SDXL: the smaller Vega).
 DEFAULT_MODELS = ("sd15_tiny", "sdxl_vega_narrow", "pixart_alpha_d1", "pixart_sigma_d1", "hydit_tiny")
 TAESD_NAMES = ("taesd", "taesdxl")
@@ -101,6 +174,9 @@ COND_SHAPES: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {
     "sdxl": ((1, 77, 2048), {"pooled_output": (1, 1280)}),
     "pixart": ((1, 120, 4096), {}),
     "wan": ((1, 32, 4096), {}),
+    "sd3": ((1, 77, 4096), {"pooled_output": (1, 2048)}),
+    "flux": ((1, 32, 4096), {"pooled_output": (1, 768)}),
+    "hunyuan_video": ((1, 32, 4096), {"pooled_output": (1, 768)}),
     "hydit": ((1, 77, 1024), {"attention_mask": (1, 77), "conditioning_mt5xl": (1, 256, 2048),
                               "attention_mask_mt5xl": (1, 256)}),
 }
@@ -164,10 +240,14 @@ def build_and_save(name: str, path: str | os.PathLike, seed: int = 0, check: boo
     import comfy.supported_models as sm
 
     spec = SPECS[name]
+    version = comfy_host.host_version()
+    if not spec.available_on(version):
+        raise ValueError(f"{name} cannot be built on ComfyUI {version}: its detection accepts this width only on "
+                         f"{', '.join(spec.hosts)}")
     cls = getattr(sm, spec.cls)
     path = Path(path)
     t0 = time.perf_counter()
-    dm = init_params(cls(dict(spec.config)).get_model({}).diffusion_model, seed)
+    dm = init_params(cls(spec.config_for(version)).get_model({}).diffusion_model, seed)
     sd = {k: v.detach().to(torch.float16) for k, v in dm.state_dict().items()}
     params = sum(p.numel() for p in dm.parameters())
     del dm
