@@ -49,6 +49,9 @@ class ApplyConfig(io.ComfyNode):
             f"b̄ = {summary['avg_bits']:.3f} bits; denoiser {summary['bytes_before'] / 2**20:.1f} MiB → "
             f"{summary['bytes_after'] / 2**20:.1f} MiB; " + ", ".join(f"{k}: {v}" for k, v in summary["counts"].items())
         )
+        if summary["dense_only"]:
+            text += "\nkept dense (a kind of layer that cannot be quantized): " + ", ".join(
+                f"{d['name']} ({d['type']}, {d['weights']:,} weights)" for d in summary["dense_only"])
         brief = {k: summary[k] for k in ("bytes_before", "bytes_after", "avg_bits", "avg_bits_stored", "counts",
                                          "act_bits")}
         return io.NodeOutput(out, text, ui={"text": [text], "qua2sedimo": [brief]})

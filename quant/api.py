@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import QuantConfig
+from .layer_table import dense_only_layers
 from .layers import QuantConv2d, QuantLinear, quantized_module
 from .options import parse_option
 from .quantizers import quantize_weight
@@ -72,7 +73,9 @@ def quantize_(
         if progress:
             progress(i + 1, len(todo), name)
     after = module_nbytes(model)
+    dense_only = [{"name": d.name, "type": d.type_name, "weights": d.numel} for d in dense_only_layers(model)]
     return {
+        "dense_only": dense_only,  # weight layers of kinds we cannot quantize (kept dense, e.g. Conv3d)
         "bytes_before": before,
         "bytes_after": after,
         "avg_bits": config.avg_bits(),

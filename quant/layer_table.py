@@ -73,6 +73,27 @@ def quantizable_layers(model: nn.Module | Iterable[LayerInfo]) -> list[LayerInfo
     return [info for name, mod in model.named_modules() if (info := _layer_of(name, mod)) is not None]
 
 
+@dataclass(frozen=True)
+class DenseOnlyLayer:
+    """A weight layer this package cannot quantize (Conv3d, Conv1d, Embedding, …): it stays dense, and says so."""
+
+    name: str
+    type_name: str
+    numel: int
+
+
+def dense_only_layers(model: nn.Module) -> list[DenseOnlyLayer]:
+    """Modules with a ≥ 2-D floating weight that are not quantizable layers (e.g. Wan's and HunyuanVideo's Conv3d
+    patch embeddings), in module order; quantized layers and 1-D (norm) weights are not listed."""
+    out = []
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if (name and isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() >= 2
+                and _layer_of(name, mod) is None):
+            out.append(DenseOnlyLayer(name, type(mod).__name__, weight.numel()))
+    return out
+
+
 def layers_fingerprint(layers: Iterable[LayerInfo]) -> str:
     """Fingerprint of a layer table (names and shapes): identifies a model architecture."""
     items = [[layer.name, list(layer.shape)] for layer in layers]

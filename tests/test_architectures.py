@@ -123,6 +123,10 @@ def test_round_trip_is_bit_identical(arch, tmp_path, monkeypatch, mixed):
            else QuantConfig.uniform(dm, "uaq-4"))
     qmp, summary = bridge.apply_config(mp, cfg)
     assert summary["bytes_after"] < summary["bytes_before"]
+    # the Conv3d patch embeddings of the video models stay dense and are listed as such
+    conv3d = {"wan21_tiny": "patch_embedding", "wan22_tiny": "patch_embedding", "hunyuan_video_tiny": "img_in.proj"}
+    assert [(d["name"], d["type"]) for d in summary["dense_only"]] == (
+        [(conv3d[name], "Conv3d")] if name in conv3d else [])
     lat1 = bridge.sample_latents(qmp, pos, neg, seed=3, **KW)
     dense = bridge.sample_latents(mp, pos, neg, seed=3, **KW)
     assert lat1.shape == dense.shape and torch.isfinite(lat1).all() and not torch.equal(lat1, dense)
