@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..quant import QuantConfig, QuantConv2d, QuantLinear, option_table, quantize_
+from ..quant.atomic import sweep_stale_temps
 from ..quant.format import load_quantized_file, read_header, save_quantized_file
 from ..quant.layer_table import dtype_from_name, dtype_name, quantizable_layers
 from ..quant.layers import _QuantBase
@@ -45,6 +46,8 @@ def register_folders() -> None:
     if QUANTIZED_FOLDER not in folder_paths.folder_names_and_paths:
         paths = [base, folder_paths.get_output_directory()]
         folder_paths.folder_names_and_paths[QUANTIZED_FOLDER] = (paths, {".safetensors"})
+        for folder in paths:  # on start: temporary files of saves killed before they finished
+            sweep_stale_temps(folder)
 
 
 def config_dir() -> Path:

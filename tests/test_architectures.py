@@ -14,6 +14,7 @@ written out per architecture below.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -165,3 +166,38 @@ def test_search_and_report(arch, tmp_path, monkeypatch):
     assert report["baselines"]["uniform_uaq4"]["objective"] < report["baselines"]["uniform_uaq3"]["objective"]
     assert all(m["objective"] is not None for m in report["constructed"])
     assert {s.block_category for s in a.scores} == set(EXPECTED[name])  # every category has its units scored
+
+
+FULL_SAMPLE = {"flux_dev_full": "flux", "chroma_full": "flux", "qwen_image_full": "qwen", "lumina2_full": "lumina2",
+               "zimage_full": "zimage"}
+
+
+@pytest.mark.comfy_inproc
+@pytest.mark.skipif(os.environ.get("QUA2SEDIMO_FULL_WIDTH") != "1",
+                    reason="full-width round trips (0.4-0.9 B weights, minutes each): set QUA2SEDIMO_FULL_WIDTH=1")
+@pytest.mark.parametrize("name", list(FULL_SAMPLE))
+def test_full_width_round_trip(comfy_inproc, tmp_path, monkeypatch, name):
+    """Opt-in: a real full-width model (one block) through Apply Config (uniform K-Means-C 4-bit, the fast
+    quantizer) → sample → Save → Load → sample, bit-identical."""
+    import comfy.sd
+    import tiny_models as tm
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.quant import QuantConfig
+
+    monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path / "cache")
+    bridge.register_folders()
+    src = tmp_path / f"{name}.safetensors"
+    tm.build_and_save(name, src)
+    mp = comfy.sd.load_diffusion_model(str(src))
+    assert type(mp.model.model_config).__name__ == tm.FULL_WIDTH[name].cls
+    pos, neg = tm.conditioning_for(FULL_SAMPLE[name], seed=1), tm.conditioning_for(FULL_SAMPLE[name], seed=2)
+    dm = bridge.diffusion_model(mp)
+    qmp, summary = bridge.apply_config(mp, QuantConfig.uniform(dm, "kmeans_c-4"))
+    assert summary["bytes_after"] < 0.3 * summary["bytes_before"]
+    kw = dict(KW, steps=1)
+    lat = bridge.sample_latents(qmp, pos, neg, seed=3, **kw)
+    assert torch.isfinite(lat).all()
+    bridge.save_quantized(qmp, tmp_path / "q.safetensors")
+    assert torch.equal(lat, bridge.sample_latents(bridge.load_quantized(tmp_path / "q.safetensors"), pos, neg,
+                                                  seed=3, **kw))

@@ -52,3 +52,66 @@ def test_table_dtype_must_match_the_layer(tmp_path):
     _tamper(path, lut_dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="table is torch.float8_e4m3fn .* expected torch.float16"):
         load_quantized_file(path)
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from qua2sedimo.quant.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # like ComfyUI's outputs, not mkstemp's 0600
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+_WRITER = """
+import sys, time
+from qua2sedimo.quant.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"x" * 1_000_000)
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def _start_writer(target):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    return p
+
+
+def test_temp_files_of_killed_writers_are_swept_live_ones_kept(tmp_path):
+    """kill -9 during a save used to leak a full-size temporary file per kill, never swept."""
+    import signal
+
+    from qua2sedimo.quant.atomic import atomic_write_text, sweep_stale_temps
+
+    killed = _start_writer(tmp_path / "model.safetensors")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    leaked = [p.name for p in tmp_path.iterdir()]
+    assert len(leaked) == 1 and leaked[0].startswith(".model.safetensors.") and leaked[0].endswith(".tmp")
+    live = _start_writer(tmp_path / "other.safetensors")  # the next write into the folder sweeps it
+    try:
+        temps = [p.name for p in tmp_path.iterdir()]
+        assert len(temps) == 1 and temps[0].startswith(".other.safetensors.")
+        atomic_write_text(tmp_path / "config.json", "{}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*temps, "config.json"])  # a live one stays
+        assert sweep_stale_temps(tmp_path) == []
+    finally:
+        live.kill()
+        live.wait()
+    assert [p.name for p in sweep_stale_temps(tmp_path)][0].startswith(".other.safetensors.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -177,6 +177,9 @@ COND_SHAPES: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {
     "sd3": ((1, 77, 4096), {"pooled_output": (1, 2048)}),
     "flux": ((1, 32, 4096), {"pooled_output": (1, 768)}),
     "hunyuan_video": ((1, 32, 4096), {"pooled_output": (1, 768)}),
+    "qwen": ((1, 32, 3584), {}),
+    "lumina2": ((1, 32, 2304), {}),
+    "zimage": ((1, 32, 2560), {}),
     "hydit": ((1, 77, 1024), {"attention_mask": (1, 77), "conditioning_mt5xl": (1, 256, 2048),
                               "attention_mask_mt5xl": (1, 256)}),
 }
@@ -239,7 +242,7 @@ def build_and_save(name: str, path: str | os.PathLike, seed: int = 0, check: boo
     import comfy.sd
     import comfy.supported_models as sm
 
-    spec = SPECS[name]
+    spec = SPECS[name] if name in SPECS else FULL_WIDTH[name]
     version = comfy_host.host_version()
     if not spec.available_on(version):
         raise ValueError(f"{name} cannot be built on ComfyUI {version}: its detection accepts this width only on "
