@@ -32,8 +32,9 @@ def save_quantized_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     """Write ``tensors`` and the JSON ``header`` (needs ``layers``) atomically."""
     if "layers" not in header:
         raise ValueError("the header needs a 'layers' table")
-    meta = {"format": FILE_FORMAT, "qua2sedimo": json.dumps(dict(header, format_version=FILE_VERSION))}
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = dict(header, format_version=FILE_VERSION, tensors=sorted(data))  # the full set, checked on reading
+    meta = {"format": FILE_FORMAT, "qua2sedimo": json.dumps(header)}
     atomic_write_with(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
@@ -61,8 +62,9 @@ def read_header(path: str | os.PathLike) -> dict:
             f"{FILE_VERSION}. Update the node pack."
         )
     layers = header.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"{path.name!r}: header has no layer table")
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(f"{path.name!r}: header has no valid layer table (field 'layers'; file damaged)")
+    _check_tensor_set(path, header.get("tensors"), keys)
     for name, info in layers.items():
         if parse_option(info.get("option", ""), name) is None:
             continue
@@ -70,6 +72,29 @@ def read_header(path: str | os.PathLike) -> dict:
             if f"{name}.{part}" not in keys:
                 raise ValueError(f"{path.name!r}: quantized layer {name!r} has no '{part}' tensor (file damaged)")
     return header
+
+
+def _dim(value) -> int:
+    """A shape entry: a non-negative int written as a JSON number (no strings, no '²')."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"shape entry {value!r} is not a non-negative integer")
+    return value
+
+
+def _check_tensor_set(path: Path, listed, keys: set[str]) -> None:
+    """The file holds exactly the tensors its header lists (files written before the list existed are checked
+    per quantized layer only)."""
+    if listed is None:
+        return
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise ValueError(f"{path.name!r}: header field 'tensors' is not a list of names (file damaged)")
+    missing, extra = sorted(set(listed) - keys), sorted(keys - set(listed))
+    if missing:
+        raise ValueError(f"{path.name!r}: {len(missing)} tensor(s) listed in the header are missing, e.g. "
+                         f"{missing[0]!r} (file damaged or truncated: save it again)")
+    if extra:
+        raise ValueError(f"{path.name!r}: {len(extra)} tensor(s) not listed in the header, e.g. {extra[0]!r} "
+                         "(file tampered)")
 
 
 def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,12 +107,16 @@ def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path.name!r}: tensor data is damaged ({e!s})") from None
     for name, info in header["layers"].items():
-        parsed = parse_option(info["option"], name)
-        if parsed is None:
-            continue
+        try:
+            parsed = parse_option(info["option"], name)
+            if parsed is None:
+                continue
+            shape = tuple(_dim(s) for s in info["shape"])
+            n, k = n_out_k_in(shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path.name!r}: layer {name!r} has a malformed header entry "
+                             f"(option/shape: {e!s}; file damaged)") from None
         method, bits = parsed
-        shape = tuple(int(s) for s in info["shape"])
-        n, k = n_out_k_in(shape)
         codes, lut = tensors[f"{name}.codes"], tensors[f"{name}.lut"]
         rows = lut_rows(method, n, k, info.get("group_size"))
         if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, packed_length(k, bits)):

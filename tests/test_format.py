@@ -54,6 +54,55 @@ def test_table_dtype_must_match_the_layer(tmp_path):
         load_quantized_file(path)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("fc.bias"), "1 tensor.* listed in the header are missing, e.g. 'fc.bias'"),
+    (lambda t: t.pop("out.weight"), "missing, e.g. 'out.weight'"),
+    (lambda t: t.update({"evil.weight": torch.zeros(2)}), "not listed in the header, e.g. 'evil.weight'"),
+])
+def test_the_full_tensor_set_is_checked(tmp_path, change, message):
+    """A quantized layer's bias or a dense layer missing used to load silently (wrong outputs, or a raw KeyError)."""
+    path = tmp_path / "q.safetensors"
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).half()
+    q = quantize_weight(w, "kmeans_c", 4)
+    header = {"layers": {"fc": {"option": "kmeans_c-4", "kind": "linear", "shape": [16, 32], "dtype": "float16",
+                                "act_bits": 16, "group_size": None}}}
+    save_quantized_file(path, {"fc.codes": q.codes, "fc.lut": q.lut, "fc.bias": torch.zeros(16).half(),
+                               "out.weight": torch.ones(4, 16).half()}, header)
+    assert set(load_quantized_file(path)[0]) == {"fc.codes", "fc.lut", "fc.bias", "out.weight"}
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=message):
+        load_quantized_file(path)
+
+
+@pytest.mark.parametrize("entry", [{"shape": ["16", "²"]}, {"shape": None}, {"option": None}, {"shape": [16]}])
+def test_malformed_layer_entry_is_a_clear_error(tmp_path, entry):
+    path = tmp_path / "q.safetensors"
+    _write(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["qua2sedimo"])
+    header["layers"]["fc"].update(entry)
+    save_file(tensors, str(path), metadata=dict(meta, qua2sedimo=json.dumps(header)))
+    with pytest.raises(ValueError, match="(malformed header entry|invalid option).*'fc'|'fc'.*malformed header entry"):
+        load_quantized_file(path)
+
+
+@pytest.mark.parametrize("layers", ["[]", '{"fc": 3}', '"x"'])
+def test_malformed_layer_table_is_a_clear_error(tmp_path, layers):
+    path = tmp_path / "q.safetensors"
+    _write(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["qua2sedimo"])
+    header["layers"] = json.loads(layers)
+    save_file(tensors, str(path), metadata=dict(meta, qua2sedimo=json.dumps(header)))
+    with pytest.raises(ValueError, match="no valid layer table"):
+        load_quantized_file(path)
+
+
 # ------------------------------------------------------------------------------------- atomic writes
 
 
