@@ -8,7 +8,7 @@ from ..quant import OPTIONS, QuantConfig
 from ..quant.config import rule_matches
 from ..search.graph import layer_tags
 from . import comfy_bridge as bridge
-from .sockets import CATEGORY, Config
+from .sockets import CATEGORY, CONFIG_OUT, OPTION_TOOLTIP, Config
 
 
 def _keep_patterns(text: str) -> list[str]:
@@ -30,10 +30,10 @@ class UniformConfig(io.ComfyNode):
             description="Every quantizable layer of the model gets one option; layers matching 'keep' stay fp16.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("option", options=list(OPTIONS), default="uaq-4"),
+                io.Combo.Input("option", options=list(OPTIONS), default="uaq-4", tooltip=OPTION_TOOLTIP),
                 io.String.Input("keep", default="", tooltip="comma-separated layer names or globs kept in fp16"),
             ],
-            outputs=[Config.Output(display_name="config")],
+            outputs=[Config.Output(display_name="config", tooltip=CONFIG_OUT)],
         )
 
     @classmethod
@@ -67,11 +67,12 @@ class RulesConfig(io.ComfyNode):
                 io.String.Input("rules", default=DEFAULT_RULES, multiline=True,
                                 tooltip="'pattern = option' per line: @category / @op-type or a layer-name glob; "
                                         "options: uaq-3/4, kmeans_c-3/4, kmeans_a-3/4, fp16"),
-                io.Combo.Input("default", options=[*OPTIONS, "fp16"], default="uaq-4"),
+                io.Combo.Input("default", options=[*OPTIONS, "fp16"], default="uaq-4",
+                               tooltip="the option of layers no rule matches. " + OPTION_TOOLTIP),
                 io.Boolean.Input("strict", default=False,
                                  tooltip="fail when a rule matches no layer (off: such rules are skipped)"),
             ],
-            outputs=[Config.Output(display_name="config")],
+            outputs=[Config.Output(display_name="config", tooltip=CONFIG_OUT)],
         )
 
     @classmethod
@@ -97,7 +98,7 @@ class LoadConfig(io.ComfyNode):
             category=CATEGORY,
             description="A JSON config from models/qua2sedimo/.",
             inputs=[io.Combo.Input("config_name", options=bridge.list_configs())],
-            outputs=[Config.Output(display_name="config")],
+            outputs=[Config.Output(display_name="config", tooltip=CONFIG_OUT)],
         )
 
     @classmethod
@@ -115,7 +116,7 @@ class SaveConfig(io.ComfyNode):
             category=CATEGORY,
             description="Write the config as JSON into models/qua2sedimo/ (listed by Load Config).",
             inputs=[Config.Input("config"), io.String.Input("filename_prefix", default="config")],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path", tooltip="the written file, relative to models/qua2sedimo/")],
             is_output_node=True,
         )
 

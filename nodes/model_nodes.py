@@ -31,9 +31,14 @@ class ApplyConfig(io.ComfyNode):
                 io.Combo.Input("config_file", options=[NO_FILE, *bridge.list_configs()], default=NO_FILE,
                                optional=True, tooltip="a JSON config in models/qua2sedimo/ (used when no CONFIG "
                                "is connected)"),
-                io.Combo.Input("act_bits", options=ACT_BITS, default="16"),
+                io.Combo.Input("act_bits", options=ACT_BITS, default="16",
+                               tooltip="activation bits: 16 = weight-only quantization (what the kernels accelerate); "
+                                       "8 or 6 also fake-quantize each layer's input token-wise "
+                                       "(a simulation, for studies)"),
             ],
-            outputs=[io.Model.Output(), io.String.Output(display_name="summary")],
+            outputs=[io.Model.Output(tooltip="a quantized copy of the model (packed weights); the input MODEL "
+                                             "is unchanged"),
+                     io.String.Output(display_name="summary", tooltip="b̄, size before → after, layers per option")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -67,7 +72,7 @@ class SaveQuantized(io.ComfyNode):
             description="Save the quantized denoiser (packed codes + tables + metadata) as .safetensors in the "
             "output folder; Load Quantized lists it without a restart.",
             inputs=[io.Model.Input("model"), io.String.Input("filename_prefix", default="qua2sedimo/model")],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path", tooltip="the written file, relative to its folder")],
             is_output_node=True,
         )
 
@@ -94,7 +99,8 @@ class LoadQuantized(io.ComfyNode):
             description="Load a Qua2SeDiMo quantized .safetensors (from models/qua2sedimo/ or the output "
             "folder); ComfyUI detects the architecture, weights stay packed.",
             inputs=[io.Combo.Input("file", options=bridge.list_quantized())],
-            outputs=[io.Model.Output(), io.String.Output(display_name="info")],
+            outputs=[io.Model.Output(tooltip="the quantized model, detected by ComfyUI, weights kept packed"),
+                     io.String.Output(display_name="info", tooltip="architecture, b̄ and size of the loaded model")],
         )
 
     @classmethod

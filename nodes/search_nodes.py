@@ -15,10 +15,13 @@ from ..search.sampling import option_set
 from . import comfy_bridge as bridge
 from . import search_jobs as jobs
 from .comfy_bridge import safe_prefix
-from .sockets import CATEGORY, Config
+from .sockets import CATEGORY, CONFIG_OUT, Config
 from .sockets import Search as SearchSocket
 
 MODES = ["background", "wait", "stop"]
+# Fixed seeds (no "randomize after queueing"): queueing the same node again re-attaches to its run and 'stop'
+# reaches it; a new seed is a new run.
+SEED_TOOLTIP = "fixed: queueing again re-attaches to the same run (and 'stop' reaches it); change it for a new run"
 EXECUTORS = ["in-process", "ray"]
 
 
@@ -79,9 +82,14 @@ class Search(io.ComfyNode):
                 io.Int.Input("configs", default=100, min=1, max=100000, tooltip="configs the journal should hold"),
                 io.Float.Input("minutes", default=0.0, min=0.0, max=10000.0, step=1.0,
                                tooltip="time budget of this session (0 = none)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
-                io.Combo.Input("mode", options=MODES, default="background"),
-                io.String.Input("journal", default="search"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip=SEED_TOOLTIP),
+                io.Combo.Input("mode", options=MODES, default="background",
+                               tooltip="background: return at once and search on; wait: search to the budget with a "
+                                       "progress bar; stop: end this background search after the config in flight"),
+                io.String.Input("journal", default="search",
+                                tooltip="name of the journal file (models/qua2sedimo/journals/<name>.sqlite): every "
+                                        "evaluated config is kept there; the same name resumes"),
                 io.Int.Input("steps", default=10, min=1, max=200, tooltip="sampler steps of the FP trajectories"),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8),
@@ -99,7 +107,9 @@ class Search(io.ComfyNode):
                 io.Int.Input("ray_workers", default=0, min=0, max=1024,
                              tooltip="ray: workers to start (0 = one per GPU, or per CPU without GPUs)"),
             ],
-            outputs=[SearchSocket.Output(display_name="search"), io.String.Output(display_name="status")],
+            outputs=[SearchSocket.Output(display_name="search",
+                tooltip="the search (journal + model): connect to Status, Sensitivity Report, Build Config"),
+                     io.String.Output(display_name="status", tooltip="configs evaluated, best so far, state")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -195,7 +205,8 @@ class SearchStatus(io.ComfyNode):
             category=CATEGORY,
             description="What a search has evaluated so far: text and a Pareto plot (objective vs b̄).",
             inputs=[SearchSocket.Input("search")],
-            outputs=[io.String.Output(display_name="text"), io.Image.Output(display_name="pareto")],
+            outputs=[io.String.Output(display_name="text", tooltip="progress and the Pareto front (b̄ vs objective)"),
+                     io.Image.Output(display_name="pareto", tooltip="the evaluated configs: b̄ vs objective")],
             is_output_node=True,
         )
 
@@ -237,10 +248,14 @@ class SensitivityReport(io.ComfyNode):
             inputs=[
                 SearchSocket.Input("search"),
                 io.String.Input("targets", default="3.5, 4.0", tooltip="average bits of the knapsack configs"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip=SEED_TOOLTIP),
                 io.String.Input("filename_prefix", default="qua2sedimo/report"),
             ],
-            outputs=[io.Image.Output(display_name="figures"), io.String.Output(display_name="text")],
+            outputs=[io.Image.Output(display_name="figures",
+                tooltip="sensitivity box plots, chosen options, Pareto plot"),
+                     io.String.Output(display_name="text",
+                         tooltip="the report: most sensitive units, predictor quality, recommendations")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
@@ -285,13 +300,18 @@ class BuildConfig(io.ComfyNode):
             "top-scoring variant. The config is measured and journaled.",
             inputs=[
                 SearchSocket.Input("search"),
-                io.Combo.Input("rule", options=["knapsack", "paper"], default="knapsack"),
-                io.Float.Input("target_bits", default=3.5, min=2.0, max=16.0, step=0.05),
+                io.Combo.Input("rule", options=["knapsack", "paper"], default="knapsack",
+                               tooltip="knapsack: the best predicted config at exactly ≤ target_bits average bits; "
+                                       "paper: the paper's rule from the sensitivity scores (its own bit width)"),
+                io.Float.Input("target_bits", default=3.5, min=2.0, max=16.0, step=0.05,
+                               tooltip="average bits per weight b̄ the knapsack may spend (3.0-4.0 typical)"),
                 io.Float.Input("max_gib", default=0.0, min=0.0, max=1024.0, step=0.1,
                                tooltip="instead of target_bits: quantized layers must fit in this many GiB (0 = off)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip=SEED_TOOLTIP),
             ],
-            outputs=[Config.Output(display_name="config"), io.String.Output(display_name="summary")],
+            outputs=[Config.Output(display_name="config", tooltip=CONFIG_OUT),
+                     io.String.Output(display_name="summary", tooltip="b̄, predicted and measured objective")],
         )
 
     @classmethod

@@ -155,3 +155,22 @@ def test_ray_address_is_limited_to_what_the_owner_allowed(comfy_inproc, monkeypa
     assert allowed_ray_address(" ray://head.lan:10001 ") == "ray://head.lan:10001"
     with pytest.raises(ValueError, match="allowed now: auto, ray://head.lan:10001"):
         allowed_ray_address("ray://head.lan:10002")
+
+
+@pytest.mark.comfy_inproc
+def test_seeds_are_fixed_and_inputs_explained(comfy_inproc):
+    """Seeds used to default to 'randomize' (re-queueing started a new run, 'stop' missed the running one); the
+    options, act_bits, rules … and every output had no tooltip."""
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.nodes.extension import NODES
+
+    bridge.register_folders()
+    for node in NODES:
+        schema = node.define_schema()
+        for inp in schema.inputs:
+            if inp.id == "seed":
+                assert inp.control_after_generate is False, node
+        for inp in schema.inputs:
+            if inp.id in ("option", "act_bits", "rules", "default", "mode", "journal", "rule", "target_bits", "seed"):
+                assert inp.tooltip, (node.__name__, inp.id)
+        assert all(out.tooltip for out in schema.outputs), node.__name__

@@ -36,7 +36,8 @@ def _is_widget(spec: list) -> bool:
 
 def _has_control_widget(name: str, spec: list) -> bool:
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return spec[0] == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
+    control = opts.get("control_after_generate")  # the frontend: explicit value, else seeds get one
+    return spec[0] == "INT" and bool(control if control is not None else name in SEED_NAMES)
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
