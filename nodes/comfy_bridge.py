@@ -497,10 +497,7 @@ def search_copy(model) -> nn.Module:
     the search swaps quantized layers into it while the MODEL itself keeps serving normal workflows. Layers stored
     in ComfyUI's quantized formats hold their dense weights in the copy (:func:`quantization_source`), so its
     ``diffusion_model`` is also what the option table is built from."""
-    base = copy.copy(model.model)
-    base._modules = dict(model.model._modules)
-    base._parameters = dict(model.model._parameters)
-    base._buffers = dict(model.model._buffers)
+    base = _copy_tree(model.model, skip="diffusion_model")
     base.diffusion_model = quantization_source(model)
     return base
 

@@ -188,6 +188,15 @@ def _frames(latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def search_copy_and_table(model, options, cache_dir, *, progress=None):
+    """The search's copy of ``model`` (:func:`.comfy_bridge.search_copy`) and the option table built from its
+    denoiser (fp8 layers dequantized once, in the copy)."""
+    base = bridge.search_copy(model)
+    table = option_table(base.diffusion_model, options, cache_dir=cache_dir, device=bridge._quant_device(),
+                         progress=progress)
+    return base, table
+
+
 def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference: Reference, base):
     """``(evaluate, forward_once, primary)`` for ``spec``'s objective on ``base``, the search copy of ``model``
     (:func:`.comfy_bridge.search_copy`, whose denoiser ``table`` was built from; the same code in-process and on
@@ -232,9 +241,7 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     bridge.empty_latent(model, spec.width, spec.height)  # a bad size fails here, not after the option table
     fingerprint = layers_fingerprint(layers)
     settings = spec.settings(conditioning_digest(positive, negative))
-    base = bridge.search_copy(model)
-    table = option_table(base.diffusion_model, spec.options, cache_dir=bridge.cache_dir(),
-                         device=bridge._quant_device(), progress=progress)
+    base, table = search_copy_and_table(model, spec.options, bridge.cache_dir(), progress=progress)
     reference = make_reference(model, positive, negative, spec, fingerprint, settings)
     evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference, base)
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)

@@ -83,7 +83,7 @@ class RemoteEvaluate:
 
     def __call__(self):
         boot(os.environ.get("QUA2SEDIMO_COMFY_DIR") or self.comfy_dir, cpu=self.cpu)
-        from ..quant import option_table, quantizable_layers
+        from ..quant import quantizable_layers
         from ..quant.layer_table import layers_fingerprint
         from ..search.objectives import TrajectoryStates
         from . import comfy_bridge as bridge
@@ -106,8 +106,7 @@ class RemoteEvaluate:
         cache = Path(self.cache_dir)
         if not _writable_dir(cache):
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qua2sedimo" / "option-tables"
-        base = bridge.search_copy(model)
-        table = option_table(base.diffusion_model, spec.options, cache_dir=cache, device=bridge._quant_device())
+        base, table = search_jobs.search_copy_and_table(model, spec.options, cache)
         evaluate, *_ = search_jobs.build_evaluate(model, positive, negative, spec, table, reference, base)
         return evaluate
 

@@ -147,8 +147,9 @@ def classify_layer(name: str, kind: str = "linear", classes: Sequence[str] = ())
     parts = name.split(".")
     named = [(p.lower(), classes[i] if i < len(classes) else "") for i, p in enumerate(parts) if not p.isdigit()]
     words, wclasses = [w for w, _ in named], [c for _, c in named]
-    in_block = bool(block_path(name)[1])
-    op = _op_type(name, kind, words, wclasses, list(classes), in_block)
+    block = block_path(name)[1]
+    in_block = bool(block)
+    op = _op_type(name, kind, words, wclasses, list(classes), block)
     if op == "adaln":
         cat = "modulation" if in_block else ("out-proj" if _FINAL.search(words[0]) else "t-embed")
     elif op.startswith("SS-"):
@@ -177,7 +178,9 @@ def _embed_op(anc: list[str]) -> str | None:
     return None
 
 
-def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classes: list[str], in_block: bool) -> str:
+def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classes: list[str], block: str) -> str:
+    """Op type of ``name``; ``block`` is its innermost repeated block (``""`` outside blocks)."""
+    in_block = bool(block)
     parts = name.split(".")
     anc = [p.lower() for p in parts[:-1] if not p.isdigit()] or words
     if any(_MOD_APPROX.search(w) for w in anc):
@@ -185,8 +188,7 @@ def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classe
     if any(_POOL.search(w) for w in anc) or any("Pool" in c for c in classes[:-1]):
         return "pool"
     if in_block:  # inside a repeated block only the names below it count (HunyuanVideo's txt_in refiner blocks)
-        inner = block_path(name)[1]
-        anc = [p.lower() for p in parts[len(inner.split(".")):-1] if not p.isdigit()]
+        anc = [p.lower() for p in parts[len(block.split(".")):-1] if not p.isdigit()]
     embed = _embed_op(anc)
     if embed is not None:
         return embed

@@ -19,16 +19,29 @@ def _write(path, dtype=torch.float16):
     save_quantized_file(path, {"fc.codes": q.codes, "fc.lut": q.lut}, header)
 
 
-def _tamper(path, *, dtype_name=None, lut_dtype=None):
+def _rewrite(path, edit_header=None, edit_tensors=None):
+    """Rewrite a written file in place with its header and/or tensors edited (as a damaged or tampered file)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     header = json.loads(meta["qua2sedimo"])
-    if dtype_name is not None:
-        header["layers"]["fc"]["dtype"] = dtype_name
-    if lut_dtype is not None:
-        tensors["fc.lut"] = tensors["fc.lut"].to(lut_dtype)
+    if edit_header is not None:
+        edit_header(header)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
     save_file(tensors, str(path), metadata=dict(meta, qua2sedimo=json.dumps(header)))
+
+
+def _tamper(path, *, dtype_name=None, lut_dtype=None):
+    def header(h):
+        if dtype_name is not None:
+            h["layers"]["fc"]["dtype"] = dtype_name
+
+    def tensors(t):
+        if lut_dtype is not None:
+            t["fc.lut"] = t["fc.lut"].to(lut_dtype)
+
+    _rewrite(path, header, tensors)
 
 
 def test_written_file_loads(tmp_path):
@@ -69,10 +82,7 @@ def test_the_full_tensor_set_is_checked(tmp_path, change, message):
     save_quantized_file(path, {"fc.codes": q.codes, "fc.lut": q.lut, "fc.bias": torch.zeros(16).half(),
                                "out.weight": torch.ones(4, 16).half()}, header)
     assert set(load_quantized_file(path)[0]) == {"fc.codes", "fc.lut", "fc.bias", "out.weight"}
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, str(path), metadata=meta)
+    _rewrite(path, edit_tensors=change)
     with pytest.raises(ValueError, match=message):
         load_quantized_file(path)
 
@@ -81,11 +91,7 @@ def test_the_full_tensor_set_is_checked(tmp_path, change, message):
 def test_malformed_layer_entry_is_a_clear_error(tmp_path, entry):
     path = tmp_path / "q.safetensors"
     _write(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    header = json.loads(meta["qua2sedimo"])
-    header["layers"]["fc"].update(entry)
-    save_file(tensors, str(path), metadata=dict(meta, qua2sedimo=json.dumps(header)))
+    _rewrite(path, lambda h: h["layers"]["fc"].update(entry))
     with pytest.raises(ValueError, match="(malformed header entry|invalid option).*'fc'|'fc'.*malformed header entry"):
         load_quantized_file(path)
 
@@ -94,11 +100,7 @@ def test_malformed_layer_entry_is_a_clear_error(tmp_path, entry):
 def test_malformed_layer_table_is_a_clear_error(tmp_path, layers):
     path = tmp_path / "q.safetensors"
     _write(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    header = json.loads(meta["qua2sedimo"])
-    header["layers"] = json.loads(layers)
-    save_file(tensors, str(path), metadata=dict(meta, qua2sedimo=json.dumps(header)))
+    _rewrite(path, lambda h: h.update(layers=json.loads(layers)))
     with pytest.raises(ValueError, match="no valid layer table"):
         load_quantized_file(path)
 
