@@ -12,28 +12,13 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .options import parse_option
+from .packed import lut_rows, n_out_k_in  # noqa: F401 (re-exported)
 from .packing import packed_length
 
 
 def dtype_bits(dtype: torch.dtype) -> int:
     """Bits per element of a floating dtype (16 for fp16/bf16, 32 for fp32)."""
     return torch.finfo(dtype).bits
-
-
-def n_out_k_in(shape: Sequence[int]) -> tuple[int, int]:
-    """A weight of shape ``[out, in, *kernel]`` as rows × columns ``(out, in·prod(kernel))``."""
-    if len(shape) < 2:
-        raise ValueError(f"a quantizable weight needs at least 2 dimensions, got shape {tuple(shape)}")
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
-def lut_rows(method: str, n_out: int, k_in: int, group_size: int | None = None) -> int:
-    """Rows of the lookup table: one per output channel (or channel group), or one per layer."""
-    if method == "kmeans_a":
-        return 1
-    if method == "uaq" and group_size:
-        return n_out * -(-k_in // group_size)
-    return n_out
 
 
 def stored_nbytes(

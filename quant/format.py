@@ -1,9 +1,10 @@
 """The quantized-model file: one safetensors file of packed codes, tables and dense tensors.
 
 Header metadata (``__metadata__``): ``format`` = ``qua2sedimo.quantized``, ``qua2sedimo`` = JSON with
-``format_version``, per-layer ``{option, kind, shape, dtype, act_bits}``, the config and the source
-fingerprint. A quantized layer ``L`` is stored as ``L.codes`` (uint8) and ``L.lut`` (+ ``L.bias``), a
-dense tensor under its usual key. Everything read is validated; nothing is unpickled.
+``format_version``, per-layer ``{option, kind, shape, dtype, act_bits, group_size}``, the config, the source
+fingerprint and the list of tensors. A quantized layer ``L`` (its ``L.weight`` a
+:class:`~.packed.PackedWeight` in memory) is stored as ``L.codes`` (uint8) and ``L.lut`` (+ ``L.bias``), a dense
+tensor under its usual key. Everything read is validated; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .accounting import lut_rows, n_out_k_in
 from .atomic import atomic_write_with
 from .layer_table import dtype_from_name
 from .options import parse_option
-from .packing import packed_length
-from .quantizers import lut_dtype_for
+from .packed import PackedLayout, PackedWeight
 
 FILE_FORMAT = "qua2sedimo.quantized"
 FILE_VERSION = 1
@@ -32,7 +31,12 @@ def save_quantized_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     """Write ``tensors`` and the JSON ``header`` (needs ``layers``) atomically."""
     if "layers" not in header:
         raise ValueError("the header needs a 'layers' table")
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = {}
+    for key, value in tensors.items():
+        if isinstance(value, PackedWeight):
+            data.update(value.to_tensors(key.removesuffix("weight")))
+        else:
+            data[key] = value.detach().contiguous().cpu()
     header = dict(header, format_version=FILE_VERSION, tensors=sorted(data))  # the full set, checked on reading
     meta = {"format": FILE_FORMAT, "qua2sedimo": json.dumps(header)}
     atomic_write_with(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
@@ -98,7 +102,8 @@ def _check_tensor_set(path: Path, listed, keys: set[str]) -> None:
 
 
 def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read all tensors and the header, checking every quantized layer's codes and tables."""
+    """Read all tensors and the header; every quantized layer ``L`` comes back as one validated
+    :class:`~.packed.PackedWeight` under ``L.weight`` (its ``L.codes``/``L.lut`` are not returned)."""
     path = Path(path)
     header = read_header(path)
     try:
@@ -107,32 +112,32 @@ def load_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path.name!r}: tensor data is damaged ({e!s})") from None
     for name, info in header["layers"].items():
+        packing = _packing(path, name, info)
+        if packing is None:
+            continue
         try:
-            parsed = parse_option(info["option"], name)
-            if parsed is None:
-                continue
-            shape = tuple(_dim(s) for s in info["shape"])
-            n, k = n_out_k_in(shape)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path.name!r}: layer {name!r} has a malformed header entry "
-                             f"(option/shape: {e!s}; file damaged)") from None
-        method, bits = parsed
-        codes, lut = tensors[f"{name}.codes"], tensors[f"{name}.lut"]
-        rows = lut_rows(method, n, k, info.get("group_size"))
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, packed_length(k, bits)):
-            raise ValueError(
-                f"{path.name!r}: layer {name!r} codes are {codes.dtype} {tuple(codes.shape)}, expected uint8 "
-                f"{(n, packed_length(k, bits))} for {info['option']} {shape} (file damaged or tampered)"
-            )
-        dtype = dtype_from_name(info["dtype"])
-        if dtype not in WRITTEN_DTYPES:  # e.g. a tampered float8: the layer would compute in it silently
-            raise ValueError(f"{path.name!r}: layer {name!r} has dtype {info['dtype']!r}; quantized layers are written "
-                             f"as {', '.join(str(d).removeprefix('torch.') for d in WRITTEN_DTYPES)} (file tampered)")
-        if tuple(lut.shape) != (rows, 1 << bits) or lut.dtype != lut_dtype_for(dtype):
-            raise ValueError(
-                f"{path.name!r}: layer {name!r} table is {lut.dtype} {tuple(lut.shape)}, expected "
-                f"{lut_dtype_for(dtype)} {(rows, 1 << bits)} (file damaged or tampered)"
-            )
-        if not bool(torch.isfinite(lut).all()):
-            raise ValueError(f"{path.name!r}: layer {name!r} table has NaN/Inf values (file damaged)")
+            packed = PackedWeight.from_parts(tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.lut"), packing)
+        except ValueError as e:
+            raise ValueError(f"{path.name!r}: layer {name!r}: {e} (file damaged or tampered)") from None
+        tensors[f"{name}.weight"] = packed
     return tensors, header
+
+
+def _packing(path: Path, name: str, info: dict) -> PackedLayout | None:
+    """The layout a header entry describes (None for a dense layer); a malformed entry is a clear error."""
+    try:
+        parsed = parse_option(info["option"], name)
+        if parsed is None:
+            return None
+        shape = tuple(_dim(s) for s in info["shape"])
+        dtype = dtype_from_name(info["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path.name!r}: layer {name!r} has a malformed header entry "
+                         f"(option/shape/dtype: {e!s}; file damaged)") from None
+    if dtype not in WRITTEN_DTYPES:  # e.g. a tampered float8: the layer would compute in it silently
+        raise ValueError(f"{path.name!r}: layer {name!r} has dtype {info['dtype']!r}; quantized layers are written "
+                         f"as {', '.join(str(d).removeprefix('torch.') for d in WRITTEN_DTYPES)} (file tampered)")
+    try:
+        return PackedLayout(*parsed, shape, dtype, info.get("group_size"))
+    except ValueError as e:
+        raise ValueError(f"{path.name!r}: layer {name!r} has a malformed header entry ({e!s}; file damaged)") from None

@@ -7,87 +7,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .accounting import lut_rows, n_out_k_in
 from .activations import check_act_bits, quantize_conv_input, quantize_tokens
 from .layer_table import LayerInfo, is_linear_like
-from .options import check_method_bits
-from .packing import packed_length
-from .quantizers import QuantizedWeight, lut_dtype_for, quantize_weight
+from .packed import PackedLayout, PackedWeight
+from .quantizers import QuantizedWeight, quantize_weight
 
 
 class _QuantBase(nn.Module):
-    """Buffers ``codes`` (uint8), ``lut`` and optional ``bias``; the dense weight is never stored.
+    """A layer whose ``weight`` Parameter is a :class:`~.packed.PackedWeight` (codes + table, no dense weight) and
+    whose optional ``bias`` is a dense Parameter.
 
     ``cache_weight = True`` keeps a dequantized copy between calls (faster, costs the dense memory).
     """
 
     kind = ""
 
-    def _init_buffers(
-        self, weight_shape, method: str, bits: int, weight_dtype: torch.dtype, has_bias: bool,
-        group_size: int | None, act_bits: int, device=None,
-    ) -> None:
-        check_method_bits(method, bits)
+    def _init_weight(self, packing: PackedLayout, has_bias: bool, act_bits: int, device=None) -> None:
         check_act_bits(act_bits)
-        self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.method, self.bits, self.group_size, self.act_bits = method, bits, group_size or None, act_bits
-        self.weight_dtype = weight_dtype
+        self.act_bits = act_bits
         self.cache_weight = False
         self._cached: torch.Tensor | None = None
-        n, k = n_out_k_in(self.weight_shape)
-        rows = lut_rows(method, n, k, group_size)
-        self.register_buffer("codes", torch.zeros(n, packed_length(k, bits), dtype=torch.uint8, device=device))
-        self.register_buffer("lut", torch.zeros(rows, 1 << bits, dtype=lut_dtype_for(weight_dtype), device=device))
-        bias = torch.zeros(n, dtype=weight_dtype, device=device) if has_bias else None
-        self.register_buffer("bias", bias)
+        raw = torch.zeros(packing.nbytes, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(PackedWeight.wrap(raw, packing), requires_grad=False)
+        bias = torch.zeros(packing.n_out, dtype=packing.dtype, device=device) if has_bias else None
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight this layer replaces as a shape/dtype descriptor on the meta device (no memory): model
-        code that only inspects ``layer.weight`` (ComfyUI 0.33's Wan feed-forward checks its type) runs; reading its
-        values fails loudly — use :meth:`dequantized_weight`."""
-        return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
-
-    @property
-    def n_out(self) -> int:
-        return self.weight_shape[0]
-
-    @property
-    def k_in(self) -> int:
-        return n_out_k_in(self.weight_shape)[1]
-
-    @property
-    def option(self) -> str:
-        return f"{self.method}-{self.bits}"
+    packing = property(lambda self: self.weight.packing, doc="the packed weight's layout")
+    method = property(lambda self: self.packing.method)
+    bits = property(lambda self: self.packing.bits)
+    group_size = property(lambda self: self.packing.group_size)
+    weight_shape = property(lambda self: self.packing.shape, doc="shape of the dense weight this layer replaces")
+    weight_dtype = property(lambda self: self.packing.dtype, doc="dtype of the dense weight this layer replaces")
+    n_out = property(lambda self: self.packing.n_out)
+    k_in = property(lambda self: self.packing.k_in)
+    option = property(lambda self: self.packing.option)
 
     def layer_info(self, name: str) -> LayerInfo:
         """The dense layer this module replaces (so configs still match a quantized model)."""
         return LayerInfo(name, self.kind, self.weight_shape, self.weight_dtype)
 
     def load_quantized(self, q: QuantizedWeight) -> None:
-        """Copy prepared codes and tables (e.g. from an option table) into this layer."""
-        if (q.method, q.bits, tuple(q.shape)) != (self.method, self.bits, self.weight_shape):
-            raise ValueError(
-                f"quantized weight {q.option} {tuple(q.shape)} does not fit this layer "
-                f"({self.option} {self.weight_shape})"
-            )
-        if tuple(q.lut.shape) != tuple(self.lut.shape) or tuple(q.codes.shape) != tuple(self.codes.shape):
-            raise ValueError(
-                f"codes/table shapes {tuple(q.codes.shape)}/{tuple(q.lut.shape)} do not fit the layer "
-                f"(expected {tuple(self.codes.shape)}/{tuple(self.lut.shape)})"
-            )
-        with torch.no_grad():
-            self.codes.copy_(q.codes)
-            self.lut.copy_(q.lut)
+        """Use a prepared packed weight (e.g. from an option table; shared, not copied) in this layer."""
+        if q.packing != self.packing:
+            raise ValueError(f"quantized weight {q.option} {tuple(q.shape)} does not fit this layer "
+                             f"({self.option} {self.weight_shape})")
+        self.weight = nn.Parameter(q.packed, requires_grad=False)
         self._cached = None
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (original shape) rebuilt from codes and tables."""
         if self._cached is not None and (dtype is None or self._cached.dtype == dtype):
             return self._cached
-        w = kernels.dequantize(
-            self.codes, self.lut, self.bits, self.n_out, self.k_in, self.group_size, dtype or self.weight_dtype
-        ).reshape(self.weight_shape)
+        w = self.weight.dequantize(dtype or self.weight_dtype)
         if self.cache_weight:
             self._cached = w
         return w
@@ -112,7 +83,8 @@ class QuantLinear(_QuantBase):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_buffers((out_features, in_features), method, bits, weight_dtype, bias, group_size, act_bits, device)
+        packing = PackedLayout(method, bits, (out_features, in_features), weight_dtype, group_size)
+        self._init_weight(packing, bias, act_bits, device)
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, act_bits: int = 16) -> QuantLinear:
@@ -120,10 +92,10 @@ class QuantLinear(_QuantBase):
         if len(q.shape) != 2:
             raise ValueError(f"a Linear weight must be 2-D, got shape {tuple(q.shape)}")
         mod = cls(q.shape[1], q.shape[0], q.method, q.bits, bias is not None, q.dtype, q.group_size, act_bits,
-                  device=q.codes.device)
+                  device="meta")
         mod.load_quantized(q)
         if bias is not None:
-            mod.bias.copy_(bias.detach())
+            mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return mod
 
     @classmethod
@@ -139,11 +111,10 @@ class QuantLinear(_QuantBase):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
         x = quantize_tokens(x, self.act_bits)
-        lut = self.lut if self.lut.dtype == x.dtype else self.lut.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._cached is not None or self.cache_weight:
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        return kernels.lut_linear(x, self.codes, lut, self.bits, self.in_features, bias, self.group_size)
+        return kernels.linear(x, self.weight, bias)
 
 
 class QuantConv2d(_QuantBase):
@@ -163,7 +134,7 @@ class QuantConv2d(_QuantBase):
             nn.modules.utils._pair(padding)
         self.dilation, self.groups, self.padding_mode = nn.modules.utils._pair(dilation), groups, padding_mode
         shape = (out_channels, in_channels // groups, *ks)
-        self._init_buffers(shape, method, bits, weight_dtype, bias, group_size, act_bits, device)
+        self._init_weight(PackedLayout(method, bits, shape, weight_dtype, group_size), bias, act_bits, device)
 
     @classmethod
     def from_conv(
@@ -175,11 +146,11 @@ class QuantConv2d(_QuantBase):
         mod = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, q.method, q.bits, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, q.dtype, q.group_size, act_bits,
-            device=q.codes.device,
+            device="meta",
         )
         mod.load_quantized(q)
         if conv.bias is not None:
-            mod.bias.copy_(conv.bias.detach())
+            mod.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

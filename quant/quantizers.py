@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from . import accounting
-from .kernels import reference
 from .options import check_method_bits
+from .packed import PackedLayout, PackedWeight, lut_dtype_for  # noqa: F401 (re-exported)
 from .packing import pack_codes
 
 UAQ_ALPHAS: tuple[float, ...] = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))
@@ -37,41 +37,36 @@ LP_NORM = 2.4
 
 @dataclass
 class QuantizedWeight:
-    """A quantized weight: packed codes ``[N, packed_length(K, bits)]`` + table ``[R, 2^bits]``."""
+    """A quantizer's result: the :class:`~.packed.PackedWeight` and its errors against the original weight."""
 
-    codes: torch.Tensor
-    lut: torch.Tensor
-    method: str
-    bits: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    group_size: int | None = None
+    packed: PackedWeight
     rel_error: float = float("nan")
     lp_error: float = float("nan")
     extra: dict = field(default_factory=dict)
 
     @property
-    def option(self) -> str:
-        return f"{self.method}-{self.bits}"
+    def packing(self) -> PackedLayout:
+        return self.packed.packing
 
-    @property
-    def n_out(self) -> int:
-        return int(self.shape[0])
-
-    @property
-    def k_in(self) -> int:
-        return accounting.n_out_k_in(self.shape)[1]
+    codes = property(lambda self: self.packed.codes, doc="packed codes [N, packed_length(K, bits)] (a view)")
+    lut = property(lambda self: self.packed.lut, doc="lookup table [R, 2**bits] (a view)")
+    method = property(lambda self: self.packing.method)
+    bits = property(lambda self: self.packing.bits)
+    shape = property(lambda self: self.packing.shape)
+    dtype = property(lambda self: self.packing.dtype)
+    group_size = property(lambda self: self.packing.group_size)
+    option = property(lambda self: self.packing.option)
+    n_out = property(lambda self: self.packing.n_out)
+    k_in = property(lambda self: self.packing.k_in)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight (same shape and, by default, dtype as the original) by a table gather."""
-        w = reference.dequantize(self.codes, self.lut, self.bits, self.n_out, self.k_in, self.group_size,
-                                 dtype or self.dtype)
-        return w.reshape(self.shape)
+        return self.packed.dequantize(dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes really stored (packed codes + tables)."""
-        return self.codes.numel() * self.codes.element_size() + self.lut.numel() * self.lut.element_size()
+        return self.packing.stored_nbytes
 
     @property
     def paper_nbytes(self) -> int:
@@ -81,12 +76,7 @@ class QuantizedWeight:
 
     @property
     def fp_nbytes(self) -> int:
-        return self.codes.shape[0] * self.k_in * accounting.dtype_bits(self.dtype) // 8
-
-
-def lut_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Tables are stored at the weight's own precision (fp16/bf16/fp32)."""
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        return self.n_out * self.k_in * accounting.dtype_bits(self.dtype) // 8
 
 
 def check_weight(weight: torch.Tensor, name: str = "") -> None:
@@ -608,15 +598,8 @@ def quantize_weight(
         codes, lut = codes.reshape(n_out, k_in), lut.to(lut_dtype)
     if not bool(torch.isfinite(lut).all()):  # never stored: a poisoned table would fail every later load
         raise ValueError(f"{at}{method}-{bits} produced a non-finite table; report this with the layer's weights")
-    qw = QuantizedWeight(
-        codes=pack_codes(codes, bits),
-        lut=lut.contiguous(),
-        method=method,
-        bits=bits,
-        shape=shape,
-        dtype=weight.dtype,
-        group_size=group_size or None,
-    )
+    packing = PackedLayout(method, bits, shape, weight.dtype, group_size or None, lut_dtype=lut.dtype)
+    qw = QuantizedWeight(PackedWeight.from_parts(pack_codes(codes, bits), lut.contiguous(), packing))
     sq, lp, norm = sums
     qw.rel_error = sq / norm if norm > 0 else sq
     qw.lp_error = lp / weight.numel()

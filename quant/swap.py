@@ -8,7 +8,8 @@ are touched, and :meth:`ConfigSwapper.restore` puts every original module back (
 whose parameters are never modified).
 
 Memory: the cache holds at most one packed module per ``(layer, option)`` that was ever applied, on the
-layer's device (codes + table + a copy of the bias). If all 6 search options of every layer get used
+layer's device (its packed weight — the option table's own tensor when the layer is on the table's device — and a
+copy of the bias). If all 6 search options of every layer get used
 that is roughly ``Σ_options bits/16`` ≈ 1.3x the fp16 weights, on top of the dense model, which is
 kept. :meth:`ConfigSwapper.clear_cache` drops every cached module that is not installed right now.
 """
@@ -92,8 +93,9 @@ class ConfigSwapper:
         return list(self._cache)
 
     def cache_nbytes(self) -> int:
-        """Bytes held by the cached quantized modules (buffers)."""
-        return sum(b.numel() * b.element_size() for m in self._cache.values() for b in m.buffers())
+        """Bytes of the cached quantized modules' tensors (packed weights, which may be shared with the option
+        table when both live on one device, and biases)."""
+        return sum(t.numel() * t.element_size() for m in self._cache.values() for t in m.parameters())
 
     def clear_cache(self) -> None:
         """Drop cached quantized modules that are not installed right now."""

@@ -21,7 +21,7 @@ from torch import nn
 from .atomic import atomic_write_with
 from .layer_table import LayerInfo, dtype_from_name, quantizable_layers, weights_fingerprint
 from .options import OPTIONS, parse_option
-from .packing import packed_length
+from .packed import PackedLayout, PackedWeight
 from .quantizers import QUANTIZER_VERSION, QuantizedWeight, quantize_weight
 
 TABLE_FORMAT = "qua2sedimo.option_table"
@@ -67,8 +67,7 @@ class OptionTable:
         for name, opts in self.entries.items():
             for option, q in opts.items():
                 key = f"{name}/{option}"
-                tensors[f"{key}/codes"] = q.codes.contiguous().cpu()
-                tensors[f"{key}/lut"] = q.lut.contiguous().cpu()
+                tensors.update(q.packed.to_tensors(f"{key}/"))
                 entries[key] = {
                     "layer": name, "option": option, "group_size": q.group_size,
                     "rel_error": q.rel_error, "lp_error": q.lp_error,
@@ -108,37 +107,26 @@ class OptionTable:
                         raise ValueError(
                             f"option-table file {path.name!r}: entry {key!r} names an unknown layer; {fix}"
                         )
-                    q = QuantizedWeight(
-                        codes=f.get_tensor(f"{key}/codes"), lut=f.get_tensor(f"{key}/lut"),
-                        method="", bits=0, shape=layer.shape, dtype=layer.dtype,
-                        group_size=e.get("group_size"), rel_error=float(e["rel_error"]),
-                        lp_error=float(e["lp_error"]),
-                    )
-                    q.method, q.bits = parse_option(e["option"], layer.name)
-                    _validate_entry(q, layer.name, path.name, fix)
+                    q = _read_entry(f, key, e, layer, path.name, fix)
                     entries.setdefault(layer.name, {})[e["option"]] = q
         except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"option-table file {str(path)!r} is damaged or unreadable ({e!s}); {fix}") from None
         return cls(layers, entries, str(header["fingerprint"]), int(header.get("seed", 0)))
 
 
-def _validate_entry(q: QuantizedWeight, layer: str, fname: str, fix: str) -> None:
-    n, k = q.n_out, q.k_in
-    rows_ok = {1, n} | ({n * -(-k // q.group_size)} if q.group_size else set())
-    problems = []
-    if q.codes.dtype != torch.uint8 or tuple(q.codes.shape) != (n, packed_length(k, q.bits)):
-        expected = (n, packed_length(k, q.bits))
-        problems.append(f"codes {q.codes.dtype} {tuple(q.codes.shape)} (expected uint8 {expected})")
-    if not q.lut.dtype.is_floating_point or q.lut.dim() != 2 or q.lut.shape[1] != 1 << q.bits:
-        problems.append(f"table {q.lut.dtype} {tuple(q.lut.shape)}")
-    elif q.lut.shape[0] not in rows_ok or not bool(torch.isfinite(q.lut).all()):
-        problems.append(f"table rows {q.lut.shape[0]} or non-finite values")
+def _read_entry(f, key: str, entry: dict, layer: LayerInfo, fname: str, fix: str) -> QuantizedWeight:
+    """One table entry, validated: its codes and table fit the layer and option, its errors are finite."""
+    try:
+        method, bits = parse_option(entry["option"], layer.name)
+        packing = PackedLayout(method, bits, layer.shape, layer.dtype, entry.get("group_size"))
+        packed = PackedWeight.from_parts(f.get_tensor(f"{key}/codes"), f.get_tensor(f"{key}/lut"), packing)
+        q = QuantizedWeight(packed, rel_error=float(entry["rel_error"]), lp_error=float(entry["lp_error"]))
+    except ValueError as e:
+        raise ValueError(f"option-table file {fname!r}: layer {layer.name!r} {entry.get('option')}: {e}; {fix}") \
+            from None
     if not (math.isfinite(q.rel_error) and math.isfinite(q.lp_error)):
-        problems.append("non-finite errors")
-    if problems:
-        raise ValueError(
-            f"option-table file {fname!r}: layer {layer!r} {q.option} has bad " + ", ".join(problems) + f"; {fix}"
-        )
+        raise ValueError(f"option-table file {fname!r}: layer {layer.name!r} {q.option} has non-finite errors; {fix}")
+    return q
 
 
 def option_table(
@@ -194,7 +182,7 @@ def option_table(
             if device is not None:
                 weight = weight.to(device)
             q = quantize_weight(weight, method, bits, seed=seed, name=layer.name)
-            q.codes, q.lut = q.codes.cpu(), q.lut.cpu()
+            q.packed = q.packed.cpu()
             table.entries.setdefault(layer.name, {})[option] = q
             computed += 1
             done += 1

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from qua2sedimo.quant import quantize_weight
 from qua2sedimo.quant.format import load_quantized_file, save_quantized_file
+from qua2sedimo.quant.packed import PackedWeight
 
 
 def _write(path, dtype=torch.float16):
@@ -16,7 +17,7 @@ def _write(path, dtype=torch.float16):
     q = quantize_weight(w, "kmeans_c", 4)
     header = {"layers": {"fc": {"option": "kmeans_c-4", "kind": "linear", "shape": [16, 32], "dtype": "float16",
                                 "act_bits": 16, "group_size": None}}}
-    save_quantized_file(path, {"fc.codes": q.codes, "fc.lut": q.lut}, header)
+    save_quantized_file(path, {"fc.weight": q.packed}, header)
 
 
 def _rewrite(path, edit_header=None, edit_tensors=None):
@@ -47,7 +48,10 @@ def _tamper(path, *, dtype_name=None, lut_dtype=None):
 def test_written_file_loads(tmp_path):
     _write(tmp_path / "q.safetensors")
     tensors, header = load_quantized_file(tmp_path / "q.safetensors")
-    assert tensors["fc.lut"].dtype == torch.float16 and header["layers"]["fc"]["dtype"] == "float16"
+    assert isinstance(tensors["fc.weight"], PackedWeight) and set(tensors) == {"fc.weight"}
+    assert tensors["fc.weight"].lut.dtype == torch.float16 and header["layers"]["fc"]["dtype"] == "float16"
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:  # serialised as codes + table
+        assert set(f.keys()) == {"fc.codes", "fc.lut"}
 
 
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "float64"])
@@ -79,9 +83,9 @@ def test_the_full_tensor_set_is_checked(tmp_path, change, message):
     q = quantize_weight(w, "kmeans_c", 4)
     header = {"layers": {"fc": {"option": "kmeans_c-4", "kind": "linear", "shape": [16, 32], "dtype": "float16",
                                 "act_bits": 16, "group_size": None}}}
-    save_quantized_file(path, {"fc.codes": q.codes, "fc.lut": q.lut, "fc.bias": torch.zeros(16).half(),
+    save_quantized_file(path, {"fc.weight": q.packed, "fc.bias": torch.zeros(16).half(),
                                "out.weight": torch.ones(4, 16).half()}, header)
-    assert set(load_quantized_file(path)[0]) == {"fc.codes", "fc.lut", "fc.bias", "out.weight"}
+    assert set(load_quantized_file(path)[0]) == {"fc.weight", "fc.bias", "out.weight"}
     _rewrite(path, edit_tensors=change)
     with pytest.raises(ValueError, match=message):
         load_quantized_file(path)

@@ -16,6 +16,7 @@ from qua2sedimo.quant import (
     quantize_weight,
 )
 from qua2sedimo.quant.activations import quantize_conv_input, quantize_tokens
+from qua2sedimo.quant.packed import PackedWeight
 
 
 def tiny_model(dtype=torch.float32):
@@ -45,8 +46,9 @@ def test_linear_matches_dequantized_weight(method, bits):
     x = torch.randn(3, 7, 40)
     w = quantize_weight(lin.weight, method, bits).dequantize()
     assert torch.allclose(q(x), F.linear(x, w, lin.bias), atol=1e-5)
-    assert set(q.state_dict()) == {"codes", "lut", "bias"}
-    assert not [p for p in q.parameters()]
+    assert set(q.state_dict()) == {"weight", "bias"} and isinstance(q.state_dict()["weight"], PackedWeight)
+    assert not any(p.requires_grad for p in q.parameters())  # a frozen packed weight, no dense copy
+    assert q.weight.numel() * q.weight.element_size() == q.packing.nbytes == q.packing.lut_offset + q.packing.lut_rows * 2**bits * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -123,7 +125,7 @@ def test_quantize_from_table_does_not_requantize(monkeypatch):
     monkeypatch.setattr(api, "quantize_weight", lambda *a, **k: pytest.fail("re-quantized"))
     cfg = QuantConfig.uniform(m, "kmeans_c-4")
     quantize_(m, cfg, table=table)
-    assert torch.equal(m.blocks[1][2].codes, table.get("blocks.1.2", "kmeans_c-4").codes)
+    assert torch.equal(m.blocks[1][2].weight.codes, table.get("blocks.1.2", "kmeans_c-4").codes)
     with pytest.raises(ValueError, match="lacks .* entries"):
         quantize_(tiny_model(), QuantConfig.uniform(m, "kmeans_a-3"), table=table)
 

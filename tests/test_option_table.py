@@ -85,7 +85,7 @@ def test_corrupt_cache_is_rejected(tmp_path):
         meta = f.metadata()
     tensors["2/kmeans_c-3/codes"] = tensors["2/kmeans_c-3/codes"][:, :-1].contiguous()
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="layer '2' kmeans_c-3 has bad codes.*delete"):
+    with pytest.raises(ValueError, match="layer '2' kmeans_c-3: codes are .*expected uint8.*delete"):
         option_table(m, options=("kmeans_c-3",), cache_dir=tmp_path)
     # garbage bytes
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

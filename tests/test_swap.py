@@ -160,8 +160,8 @@ def test_half_precision_device_and_dtype_follow_layer(device):
     sw.apply(QuantConfig.uniform(model, "uaq-4"))
     for n in NAMES:
         mod = model.get_submodule(n)
-        assert mod.weight_dtype == torch.bfloat16 and mod.codes.device == sw._originals[n].weight.device
-        assert mod.codes.device.type == device and mod.lut.device.type == device
+        assert mod.weight_dtype == torch.bfloat16 and mod.weight.device == sw._originals[n].weight.device
+        assert mod.weight.codes.device.type == device and mod.weight.lut.device.type == device
         if mod.bias is not None:
             assert mod.bias.dtype == torch.bfloat16
     ref = originals_model(model, sw._originals)

@@ -1,58 +1,92 @@
-"""LUT weight kernels and a small backend registry.
+"""LUT weight kernels over a :class:`~..packed.PackedWeight`: a small registry of backends with capabilities.
 
-Backends (modules with identical ``lut_linear`` / ``dequantize`` signatures):
+A :class:`Backend` has a name, a capability predicate ``supports(w, x_dtype, device, m)`` (``x_dtype``/``m`` None for
+a dequantize) and two operations, ``linear(x, w, bias, chunk_rows)`` and ``dequantize(w, dtype, rows)``.
+Backends are tried in registration order; the pure-PyTorch ``reference`` comes last, handles every call, and is the
+oracle the others are tested against.
 
-* ``reference`` — pure PyTorch; CPU, CUDA and anything else; handles every table kind (incl. group-wise).
-* ``triton``    — fused LUT GEMM + dequant kernels (:mod:`.triton_lut`); CUDA tensors, per-layer and
-  per-channel tables, fp16/bf16/fp32 activations. Imported lazily (on first CUDA use).
+* ``triton`` — fused LUT GEMM for ``M <= FUSED_MAX_M`` rows, dequant kernel + cuBLAS above (:mod:`.triton_lut`);
+  CUDA tensors, per-layer/per-channel tables, fp16/bf16/fp32. Imported on first use; an import failure is reported
+  once and the backend stays unused.
+* ``reference`` — everything else (CPU, group-wise tables, float64, …).
 
-Selection (:func:`get_backend`), env ``QUA2SEDIMO_BACKEND``:
-
-* ``auto`` (default): triton for CUDA devices when it imports, else the reference.
-* ``reference``: always the reference.
-* ``triton``: triton wherever it can run. On a non-CUDA device it runs only on CPU with ``TRITON_INTERPRET=1``
-  set before import (slow; tests). Elsewhere the reference is used with a one-time warning — deliberately
-  not an error, so a partly CPU-offloaded model keeps working.
-
-If triton fails to import, or a triton launch fails with a non-input error (e.g. a compile error on an
-unsupported GPU), a one-time ``RuntimeWarning`` is emitted and the reference is used from then on. Calls the
-triton backend cannot serve (group-wise tables, float64) go to the reference.
+``QUA2SEDIMO_BACKEND`` overrides the choice: ``auto`` (default: Triton on CUDA), ``reference`` (always the
+reference), ``triton`` (Triton wherever it can run, CPU included under ``TRITON_INTERPRET=1`` set before import:
+slow, tests only; elsewhere a one-time warning and the reference). A backend failing at run time with a non-input
+error (e.g. a compile error on an unsupported GPU) is warned about once and no longer chosen for calls of that
+kind (device, activation dtype, bits, table kind); the call is answered by the reference.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from ..packed import PackedWeight
 from . import reference
 
-__all__ = ["available_backends", "dequantize", "get_backend", "lut_linear", "reference", "BACKEND_ENV"]
+__all__ = ["BACKEND_ENV", "Backend", "available_backends", "dequantize", "linear", "reference", "register_backend",
+           "select"]
 
 BACKEND_ENV = "QUA2SEDIMO_BACKEND"
 _CHOICES = ("auto", "reference", "triton")
-_state: dict[str, object] = {"triton": None, "error": None}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A kernel backend: capability predicate and the two operations on packed weights."""
+
+    name: str
+    supports: Callable[[PackedWeight, torch.dtype | None, torch.device, int | None], bool]
+    linear: Callable[..., torch.Tensor]
+    dequantize: Callable[..., torch.Tensor]
+    accelerator_only: bool = True  # chosen in ``auto`` mode only for CUDA tensors
+
+
+REFERENCE = Backend("reference", lambda w, x_dtype, device, m: True, reference.linear, reference.dequantize,
+                    accelerator_only=False)
+_triton_state: dict[str, object] = {"module": None, "error": None}
+_disabled: set[tuple] = set()  # (backend, device type, x dtype, bits, table kind) that failed at run time
 _warned: set[str] = set()
 
 
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _load_triton() -> ModuleType | None:
-    """Import :mod:`.triton_lut` once; remember the failure (if any) instead of retrying."""
-    if _state["triton"] is None and _state["error"] is None:
+def _triton() -> ModuleType | None:
+    """:mod:`.triton_lut`, imported once; the failure (if any) is remembered, not retried."""
+    if _triton_state["module"] is None and _triton_state["error"] is None:
         try:
             from . import triton_lut
         except Exception as exc:  # ImportError, or a broken triton/driver install
-            _state["error"] = exc
+            _triton_state["error"] = exc
         else:
-            _state["triton"] = triton_lut
-    return _state["triton"]  # type: ignore[return-value]
+            _triton_state["module"] = triton_lut
+    return _triton_state["module"]  # type: ignore[return-value]
+
+
+def _triton_supports(w: PackedWeight, x_dtype: torch.dtype | None, device: torch.device, m: int | None) -> bool:
+    mod = _triton()
+    return mod is not None and mod.supports(w, x_dtype, device)
+
+
+TRITON = Backend("triton", _triton_supports, lambda *a, **k: _triton().linear(*a, **k),
+                 lambda *a, **k: _triton().dequantize(*a, **k))
+_registry: list[Backend] = [TRITON, REFERENCE]
+
+
+def register_backend(backend: Backend) -> None:
+    """Add a backend, tried before the ones already registered (the reference stays the last resort)."""
+    _registry[:] = [b for b in _registry if b.name != backend.name]
+    _registry.insert(0, backend)
 
 
 def _choice() -> str:
@@ -64,94 +98,87 @@ def _choice() -> str:
 
 def available_backends() -> list[str]:
     """Backends usable in this process (``"triton"`` needs CUDA or ``TRITON_INTERPRET=1``)."""
-    names = ["reference"]
-    mod = _load_triton()
+    names = [b.name for b in _registry if b is not TRITON and b is not REFERENCE]
+    mod = _triton()
     if mod is not None and (torch.cuda.is_available() or mod.INTERPRET):
         names.append("triton")
-    return names
+    return [*names, "reference"]
 
 
-def get_backend(device: torch.device | str | None = None) -> ModuleType:
-    """Backend module for tensors on ``device`` (default: CUDA if available, else CPU)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+def _key(backend: Backend, w: PackedWeight, x_dtype: torch.dtype | None, device: torch.device) -> tuple:
+    return backend.name, device.type, x_dtype, w.packing.bits, w.packing.table_kind
+
+
+def select(w: PackedWeight, x_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+           m: int | None = None) -> Backend:
+    """The backend that serves this call (a linear with ``x_dtype``/``m`` rows, or a dequantize when None)."""
+    device = torch.device(device) if device is not None else w.device
     choice = _choice()
-    if choice == "reference" or (choice == "auto" and dev.type != "cuda"):
-        return reference
-    mod = _load_triton()
-    if mod is None:
-        _warn_once(
-            "import", f"qua2sedimo: triton backend unavailable ({_state['error']!r}); using the reference"
-        )
-        return reference
-    if dev.type != "cuda" and not (dev.type == "cpu" and mod.INTERPRET):
-        _warn_once(
-            f"device:{dev.type}",
-            f"qua2sedimo: {BACKEND_ENV}=triton cannot run on {dev.type} tensors (CUDA only; CPU needs "
-            "TRITON_INTERPRET=1 set before import); using the reference backend",
-        )
-        return reference
-    return mod
+    if choice == "reference":
+        return REFERENCE
+    if choice == "triton" and _triton() is None:
+        _warn_once("import", f"qua2sedimo: triton backend unavailable ({_triton_state['error']!r}); using the "
+                             "reference")
+    for backend in _registry:
+        if backend is REFERENCE:
+            break
+        if choice == "triton" and backend is not TRITON:
+            continue
+        if choice == "auto" and backend.accelerator_only and device.type != "cuda":
+            continue
+        if _key(backend, w, x_dtype, device) in _disabled:
+            continue
+        if backend is TRITON and _triton() is None:
+            if choice == "auto":
+                _warn_once("import", f"qua2sedimo: triton backend unavailable ({_triton_state['error']!r}); "
+                                     "using the reference")
+            continue
+        if backend.supports(w, x_dtype, device, m):
+            return backend
+        if choice == "triton" and device.type not in ("cuda",) and not (device.type == "cpu" and _triton().INTERPRET):
+            _warn_once(f"device:{device.type}",
+                       f"qua2sedimo: {BACKEND_ENV}=triton cannot run on {device.type} tensors (CUDA only; CPU needs "
+                       "TRITON_INTERPRET=1 set before import); using the reference backend")
+    return REFERENCE
 
 
-def _pick(device: torch.device, x_dtype: torch.dtype | None, kind_args: tuple) -> ModuleType:
-    backend = get_backend(device)
-    if backend is reference:
-        return reference
+def _run(backend: Backend, op: str, key: tuple, *args: object) -> torch.Tensor:
+    fn = getattr(backend, op)
+    if backend is REFERENCE:
+        return fn(*args)
     try:
-        kind = reference.table_kind(*kind_args)
-    except ValueError:
-        return reference  # let the reference raise its (identical) validation error
-    return backend if backend.supports(x_dtype, kind) else reference
-
-
-def _run(backend: ModuleType, name: str, *args: object) -> torch.Tensor:
-    if backend is reference:
-        return getattr(reference, name)(*args)
-    try:
-        return getattr(backend, name)(*args)
+        return fn(*args)
     except (ValueError, TypeError, torch.cuda.OutOfMemoryError):
         raise
-    except Exception as exc:  # compile/launch failure: never return garbage, fall back for good
-        _state["triton"], _state["error"] = None, exc
-        _warned.add("import")  # this warning replaces the "unavailable" one
-        _warn_once("runtime", f"qua2sedimo: triton backend failed ({exc!r}); using the reference from now on")
-        return getattr(reference, name)(*args)
+    except Exception as exc:  # compile/launch failure: never return garbage, stop choosing it for such calls
+        _disabled.add(key)
+        _warn_once(f"runtime:{key}", f"qua2sedimo: {backend.name} backend failed ({exc!r}) for {key[1:]}; using "
+                                     "the reference for such calls from now on")
+        return getattr(REFERENCE, op)(*args)
 
 
-def lut_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    k_in: int,
-    bias: torch.Tensor | None = None,
-    group_size: int | None = None,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` of a LUT-quantized weight, on the backend for ``x.device``."""
-    if not (isinstance(x, torch.Tensor) and isinstance(codes, torch.Tensor) and codes.dim() == 2):
-        return reference.lut_linear(x, codes, lut, bits, k_in, bias, group_size, chunk_rows)  # raises
-    backend = _pick(x.device, x.dtype, (codes, lut, bits, codes.shape[0], k_in, group_size))
-    return _run(backend, "lut_linear", x, codes, lut, bits, k_in, bias, group_size, chunk_rows)
+def _check_packed(w: object) -> PackedWeight:
+    if not isinstance(w, PackedWeight):
+        raise TypeError(f"expected a PackedWeight, got {type(w).__name__} (build it with PackedWeight.from_parts)")
+    return w
 
 
-def dequantize(
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    n_out: int,
-    k_in: int,
-    group_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    rows: slice | None = None,
-) -> torch.Tensor:
-    """Dense ``[N, K]`` weight (``dtype`` default ``lut.dtype``), on the backend for ``codes.device``."""
-    if not (isinstance(codes, torch.Tensor) and isinstance(lut, torch.Tensor)):
-        return reference.dequantize(codes, lut, bits, n_out, k_in, group_size, dtype, rows)  # raises
-    out_dtype = lut.dtype if dtype is None else dtype
-    backend = _pick(codes.device, None, (codes, lut, bits, n_out, k_in, group_size))
-    if backend is not reference and out_dtype not in backend.ACT_DTYPES:
-        backend = reference
-    return _run(backend, "dequantize", codes, lut, bits, n_out, k_in, group_size, dtype, rows)
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
+           chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` of a packed weight, in ``x.dtype``, on the backend for this call."""
+    _check_packed(w)
+    if not isinstance(x, torch.Tensor):
+        return reference.linear(x, w, bias, chunk_rows)  # raises the input error
+    m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    backend = select(w, x.dtype, x.device, m)
+    return _run(backend, "linear", _key(backend, w, x.dtype, x.device), x, w, bias, chunk_rows)
+
+
+def dequantize(w: PackedWeight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight (rows ``rows``) in ``dtype`` (default: the table's), on the backend for ``w``."""
+    _check_packed(w)
+    out_dtype = w.packing.lut_dtype if dtype is None else dtype
+    backend = select(w, None, w.device)
+    if backend is not REFERENCE and out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        backend = REFERENCE
+    return _run(backend, "dequantize", _key(backend, w, None, w.device), w, dtype, rows)

@@ -1,12 +1,5 @@
-"""Pure-PyTorch LUT dequantization and linear layer (CPU/CUDA fallback and test oracle).
-
-A quantized weight of ``N`` output rows and ``K`` inputs is ``codes`` uint8 ``[N, packed_length(K, bits)]``
-(see :mod:`..packing`) plus a float table ``lut [R, 2**bits]``; ``W[n, k] = lut[r(n, k), code[n, k]]`` with
-
-* ``R == 1``  ("layer"):   ``r = 0`` (one table per layer, K-Means-A);
-* ``R == N``  ("channel"): ``r = n`` (per-channel: folded UAQ or K-Means-C centroids);
-* ``R == N * ceil(K / group_size)`` ("group"): ``r = n * ceil(K / group_size) + k // group_size``.
-"""
+"""Pure-PyTorch LUT dequantization and linear layer over a :class:`~..packed.PackedWeight`: runs on every device and
+dtype and every table kind (layer, channel, group) — the fallback of the kernel registry and its oracle."""
 
 from __future__ import annotations
 
@@ -15,69 +8,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..packing import SUPPORTED_BITS, packed_length, padded_length
+from ..packed import PackedWeight
+from ..packing import padded_length
 
 NAME = "reference"
 
 #: default upper bound on the number of weights dequantized at once by :func:`lut_linear`
 CHUNK_WEIGHTS = 1 << 24
-
-_LUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def table_kind(
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    n_out: int,
-    k_in: int,
-    group_size: int | None = None,
-) -> str:
-    """Validate a quantized weight; return its table kind: ``"layer"``, ``"channel"`` or ``"group"``.
-
-    ``group_size`` only matters when ``lut`` has ``N * ceil(K / group_size)`` rows (neither 1 nor N).
-    Raises ``ValueError`` with the expected shape/dtype on any mismatch.
-    """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit width {bits!r}: use one of {SUPPORTED_BITS}")
-    if not isinstance(n_out, int) or n_out < 0:
-        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
-    if not isinstance(k_in, int) or k_in < 1:
-        raise ValueError(f"k_in must be a positive int, got {k_in!r}")
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
-        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-        raise ValueError(f"codes must be a uint8 tensor, got {got}")
-    expected = (n_out, packed_length(k_in, bits))
-    if tuple(codes.shape) != expected:
-        raise ValueError(
-            f"codes of shape {tuple(codes.shape)} do not match a {bits}-bit weight with N={n_out}, K={k_in}: "
-            f"expected {expected} (uint8, packed_length(K, bits) bytes per output row)"
-        )
-    if not isinstance(lut, torch.Tensor) or lut.dtype not in _LUT_DTYPES:
-        got = lut.dtype if isinstance(lut, torch.Tensor) else type(lut).__name__
-        raise ValueError(f"lut must be a float16/bfloat16/float32/float64 tensor, got {got}")
-    levels = 1 << bits
-    if lut.dim() != 2 or lut.shape[1] != levels:
-        raise ValueError(f"lut of shape {tuple(lut.shape)} is not a {bits}-bit table: expected [R, {levels}]")
-    if lut.device != codes.device:
-        raise ValueError(f"lut is on {lut.device} but codes are on {codes.device}")
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
-    rows = lut.shape[0]
-    if rows == 1:
-        return "layer"
-    if rows == n_out:
-        return "channel"
-    if group_size is not None and rows == n_out * -(-k_in // group_size):
-        return "group"
-    allowed = f"1 (per layer) or N={n_out} (per channel)"
-    if group_size is None:
-        allowed += "; pass group_size for group-wise tables"
-    else:
-        allowed += (
-            f" or N*ceil(K/group_size)={n_out * -(-k_in // group_size)} (group-wise, group_size={group_size})"
-        )
-    raise ValueError(f"lut has {rows} rows: expected {allowed}")
 
 
 def row_range(rows: slice | None, n_out: int) -> tuple[int, int]:
@@ -92,8 +29,9 @@ def row_range(rows: slice | None, n_out: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def check_activation(x: torch.Tensor, codes: torch.Tensor, k_in: int, bias: torch.Tensor | None) -> None:
+def check_activation(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
     """Validate the activation ``x [..., K]`` and ``bias [N]`` against the packed weight."""
+    k_in, n_out = w.packing.k_in, w.packing.n_out
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating-point tensor, got {got}")
@@ -101,10 +39,9 @@ def check_activation(x: torch.Tensor, codes: torch.Tensor, k_in: int, bias: torc
         raise ValueError(
             f"x of shape {tuple(x.shape)} does not match the weight: expected last dimension K={k_in}"
         )
-    if x.device != codes.device:
-        raise ValueError(f"x is on {x.device} but the quantized weight is on {codes.device}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the quantized weight is on {w.device}")
     if bias is not None:
-        n_out = codes.shape[0]
         if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
             raise ValueError("bias must be a floating-point tensor or None")
         if tuple(bias.shape) != (n_out,):
@@ -122,30 +59,22 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def dequantize(
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    n_out: int,
-    k_in: int,
-    group_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    rows: slice | None = None,
-) -> torch.Tensor:
-    """Dense ``[N, K]`` weight (or ``[len(rows), K]``) in ``dtype`` (default: ``lut.dtype``)."""
-    kind = table_kind(codes, lut, bits, n_out, k_in, group_size)
-    r0, r1 = row_range(rows, n_out)
-    levels = 1 << bits
-    c = unpack_u8(codes[r0:r1], bits, k_in).long()
+def dequantize(w: PackedWeight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight (or ``[len(rows), K]``) in ``dtype`` (default: the table's dtype)."""
+    lay = w.packing
+    r0, r1 = row_range(rows, lay.n_out)
+    levels, k_in = lay.levels, lay.k_in
+    c = unpack_u8(w.codes[r0:r1], lay.bits, k_in).long()
+    lut = w.lut
     table = lut if dtype is None else lut.to(dtype)  # cast the small table, not the weight
-    if kind == "layer":
+    if lay.table_kind == "layer":
         return torch.gather(table.expand(r1 - r0, levels), 1, c)
-    if kind == "channel":
+    if lay.table_kind == "channel":
         return torch.gather(table[r0:r1], 1, c)
-    assert group_size is not None
+    group_size = lay.group_size
     n_groups = -(-k_in // group_size)
-    group = torch.arange(k_in, device=codes.device) // group_size
-    return torch.gather(table.reshape(n_out, n_groups * levels)[r0:r1], 1, c + (group * levels)[None, :])
+    group = torch.arange(k_in, device=w.device) // group_size
+    return torch.gather(table.reshape(lay.n_out, n_groups * levels)[r0:r1], 1, c + (group * levels)[None, :])
 
 
 def unpack_u8(packed: torch.Tensor, bits: int, k_in: int) -> torch.Tensor:
@@ -165,41 +94,26 @@ def unpack_u8(packed: torch.Tensor, bits: int, k_in: int) -> torch.Tensor:
     return (planes(packed[:, :lo_bytes], 2) | (planes(packed[:, lo_bytes:], 1) << 2))[:, :k_in]
 
 
-def lut_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    k_in: int,
-    bias: torch.Tensor | None = None,
-    group_size: int | None = None,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
+           chunk_rows: int | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with ``W`` dequantized in chunks of ``chunk_rows`` output rows.
 
     Default chunk: ``CHUNK_WEIGHTS // K`` rows (≤ 16M weights), bounding extra memory. Returns ``x.dtype``.
     """
-    return chunked_linear(x, codes, lut, bits, k_in, bias, group_size, chunk_rows, dequantize)
+    return chunked_linear(x, w, bias, chunk_rows, dequantize)
 
 
 def chunked_linear(
     x: torch.Tensor,
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    k_in: int,
+    w: PackedWeight,
     bias: torch.Tensor | None,
-    group_size: int | None,
     chunk_rows: int | None,
     dequant: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
     """Validate, then run ``F.linear`` over chunks of rows dequantized by ``dequant`` (same signature as
     :func:`dequantize`); shared by the reference and the Triton "dequant + matmul" path."""
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-        raise ValueError("codes must be a 2-D uint8 tensor [N, packed_length(K, bits)]")
-    n_out = codes.shape[0]
-    table_kind(codes, lut, bits, n_out, k_in, group_size)
-    check_activation(x, codes, k_in, bias)
+    check_activation(x, w, bias)
+    n_out, k_in = w.packing.n_out, w.packing.k_in
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_WEIGHTS // k_in)
     elif not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -208,11 +122,10 @@ def chunked_linear(
     x2 = x.reshape(-1, k_in).to(cdt)
     b = None if bias is None else bias.to(cdt)
     if chunk_rows >= n_out:
-        y = F.linear(x2, dequant(codes, lut, bits, n_out, k_in, group_size, cdt), b)
+        y = F.linear(x2, dequant(w, cdt), b)
     else:
         y = torch.empty(x2.shape[0], n_out, dtype=cdt, device=x.device)
         for r0 in range(0, n_out, chunk_rows):
             r1 = min(n_out, r0 + chunk_rows)
-            w = dequant(codes, lut, bits, n_out, k_in, group_size, cdt, rows=slice(r0, r1))
-            y[:, r0:r1] = F.linear(x2, w, None if b is None else b[r0:r1])
+            y[:, r0:r1] = F.linear(x2, dequant(w, cdt, rows=slice(r0, r1)), None if b is None else b[r0:r1])
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)

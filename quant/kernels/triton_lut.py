@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..packed import PackedWeight
 from ..packing import padded_length
-from .reference import check_activation, chunked_linear, row_range, table_kind
+from .reference import check_activation, chunked_linear, row_range
 
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -32,7 +33,7 @@ FUSED_MAX_M = int(os.environ.get("QUA2SEDIMO_FUSED_MAX_M", "256"))
 AUTOTUNE = not INTERPRET and os.environ.get("QUA2SEDIMO_TRITON_AUTOTUNE", "1") != "0"
 REG_LUT = os.environ.get("QUA2SEDIMO_TRITON_REG_LUT") == "1"
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-__all__ = ["dequantize", "lut_linear", "supports", "NAME", "INTERPRET", "FUSED_MAX_M"]
+__all__ = ["dequantize", "linear", "supports", "NAME", "INTERPRET", "FUSED_MAX_M"]
 
 
 @triton.jit
@@ -171,9 +172,11 @@ def _tuned_kernel(m: int) -> Any:
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
-def supports(x_dtype: torch.dtype | None, kind: str) -> bool:
-    """Whether this backend handles activations of ``x_dtype`` (None: dequantize only) and ``kind`` tables."""
-    return kind in ("layer", "channel") and (x_dtype is None or x_dtype in ACT_DTYPES)
+def supports(w: PackedWeight, x_dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Capabilities: CUDA tensors (CPU only under ``TRITON_INTERPRET=1``), per-layer and per-channel tables,
+    fp16/bf16/fp32 activations (``x_dtype`` None: dequantize only, to any of those)."""
+    on_device = device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+    return on_device and w.packing.table_kind in ("layer", "channel") and (x_dtype is None or x_dtype in ACT_DTYPES)
 
 
 def _check_supported(kind: str, device: torch.device) -> None:
@@ -260,52 +263,34 @@ def fused_into(
     return out
 
 
-def dequantize(
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    n_out: int,
-    k_in: int,
-    group_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    rows: slice | None = None,
-) -> torch.Tensor:
-    """Dense ``[N, K]`` weight (or ``[len(rows), K]``) in ``dtype`` (default ``lut.dtype``)."""
-    kind = table_kind(codes, lut, bits, n_out, k_in, group_size)
-    _check_supported(kind, codes.device)
-    dtype = lut.dtype if dtype is None else dtype
+def dequantize(w: PackedWeight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight (or ``[len(rows), K]``) in ``dtype`` (default: the table's dtype)."""
+    lay = w.packing
+    _check_supported(lay.table_kind, w.device)
+    dtype = lay.lut_dtype if dtype is None else dtype
     if dtype not in ACT_DTYPES:
         raise ValueError(f"triton backend: dequantize dtype must be float16/bfloat16/float32, got {dtype}")
-    r0, r1 = row_range(rows, n_out)
-    out = torch.empty(r1 - r0, k_in, dtype=dtype, device=codes.device)
-    return dequant_into(codes[r0:r1], lut[r0:r1] if kind == "channel" else lut, bits, k_in, out)
+    r0, r1 = row_range(rows, lay.n_out)
+    out = torch.empty(r1 - r0, lay.k_in, dtype=dtype, device=w.device)
+    lut = w.lut
+    return dequant_into(w.codes[r0:r1], lut[r0:r1] if lay.table_kind == "channel" else lut, lay.bits, lay.k_in, out)
 
 
-def lut_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    lut: torch.Tensor,
-    bits: int,
-    k_in: int,
-    bias: torch.Tensor | None = None,
-    group_size: int | None = None,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
+           chunk_rows: int | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for ``x [..., K]`` in ``x.dtype``: fused kernel for ``M <= FUSED_MAX_M``,
     else dequantize (``chunk_rows`` output rows at a time, default ≤ 16M weights) + ``F.linear``."""
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-        raise ValueError("codes must be a 2-D uint8 tensor [N, packed_length(K, bits)]")
-    kind = table_kind(codes, lut, bits, codes.shape[0], k_in, group_size)
-    _check_supported(kind, codes.device)
-    check_activation(x, codes, k_in, bias)
+    lay = w.packing
+    _check_supported(lay.table_kind, w.device)
+    check_activation(x, w, bias)
     if x.dtype not in ACT_DTYPES:
         raise ValueError(f"triton backend: x must be float16/bfloat16/float32, got {x.dtype}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    if x.numel() // k_in > FUSED_MAX_M:
-        return chunked_linear(x, codes, lut, bits, k_in, bias, group_size, chunk_rows, dequantize)
-    n_out = codes.shape[0]
-    x2 = x.reshape(-1, k_in)
-    out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    fused_into(x2, codes, lut, bits, k_in, bias, out)
-    return out.reshape(*x.shape[:-1], n_out)
+    if x.numel() // lay.k_in > FUSED_MAX_M:
+        return chunked_linear(x, w, bias, chunk_rows, dequantize)
+    x2 = x.reshape(-1, lay.k_in)
+    out = torch.empty(x2.shape[0], lay.n_out, dtype=x.dtype, device=x.device)
+    lut = w.lut if w.lut.dtype == x.dtype else w.lut.to(x.dtype)  # the small table, in the GEMM's dtype
+    fused_into(x2, w.codes, lut, lay.bits, lay.k_in, bias, out)
+    return out.reshape(*x.shape[:-1], lay.n_out)
