@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -24,22 +26,24 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantConfig, QuantConv2d, QuantLinear, option_table, quantize_
+from ..quant import QuantConfig, option_table, quantize_
+from ..quant.activations import quantize_tokens
 from ..quant.atomic import sweep_stale_temps
 from ..quant.format import load_quantized_file, read_header, save_quantized_file
-from ..quant.layer_table import dtype_from_name, dtype_name, quantizable_layers
-from ..quant.layers import _QuantBase
+from ..quant.layer_table import dtype_name, is_quantized_layer, quantizable_layers
+from ..quant.layers import dense_conv2d, packed_linear
+from ..quant.packed import PackedWeight
+from ..quant.quantizers import QuantizedWeight
 
 FOLDER = "qua2sedimo"  # models/qua2sedimo: configs (*.json), quantized models, option-table cache
 QUANTIZED_FOLDER = "qua2sedimo_quantized"  # where Load Quantized looks (ours + the output folder)
 
 
 def register_folders() -> None:
-    """Register ``models/qua2sedimo`` (configs, quantized models) and the output folder for loading, and the
-    guard that keeps a bypass LoRA from being dropped on a quantized model."""
-    _guard_bypass_lora()
+    """Register ``models/qua2sedimo`` (configs, quantized models) and the output folder for loading."""
     base = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([base], {".json"})
@@ -184,10 +188,12 @@ def _own_base_model(model, diffusion: nn.Module):
 
 def _patcher_around(model, base):
     """A clone of the MODEL's patcher (patches, options, wrappers…) around another BaseModel, with fresh
-    backups and, on ComfyUI with dynamic VRAM, its own dynamic state (built by the patcher's own constructor)."""
-    if "model_override" in inspect.signature(model.clone).parameters:  # ComfyUI ≥ 0.4: clone onto another model
+    backups; on ComfyUI with dynamic VRAM a classic ModelPatcher (see :func:`_without_dynamic_vram`)."""
+    params = inspect.signature(model.clone).parameters
+    if "model_override" in params:  # ComfyUI ≥ 0.4: clone onto another model, as a classic (non-dynamic) patcher
         _, backups = model.get_clone_model_override()
-        out = model.clone(model_override=(base, tuple(type(b)() for b in backups)))
+        extra = {"disable_dynamic": True} if "disable_dynamic" in params else {}
+        out = model.clone(model_override=(base, tuple(type(b)() for b in backups)), **extra)
     else:  # ComfyUI 0.3.x: clone() wraps the same BaseModel; retarget it and drop shared backups
         out = model.clone()
         out.model = base
@@ -325,7 +331,7 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     if options and not patched:
         table = option_table(dm, options, cache_dir=cache_dir(), device=_quant_device(), progress=Progress(node_id),
                              only=config.options)
-    summary = quantize_(new_dm, config, table=table, act_bits=act_bits)
+    summary = quantize_(new_dm, config, table=table, act_bits=act_bits, make_layer=comfy_quant_layer)
     new_dm.qua2sedimo_config = config
     base = _own_base_model(model, new_dm)
     out = _patcher_around(model, base)
@@ -336,31 +342,153 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     return out, summary
 
 
-LORA_AFTER_QUANT = (
-    "LoRA and other weight patches cannot be added to a Qua2SeDiMo-quantized model (its weights are packed "
-    "3/4-bit codes). Load the LoRA on the full-precision MODEL and connect that to Qua2SeDiMo Apply Config: "
-    "pending patches are baked into the weights before quantization."
-)
+# ------------------------------------------------------------------------- packed layers inside ComfyUI's ops
+LORA_PATH_ENV = "QUA2SEDIMO_LORA_PATH"  # "branch" (default: low-rank branch where exact) or "dequant"
 
 
-BYPASS_AFTER_QUANT = (
-    "'Load LoRA (Bypass)' cannot add a LoRA to a Qua2SeDiMo-quantized model: its packed 3/4-bit layers have no "
-    "dense weight for ComfyUI to map the LoRA's keys to, so the LoRA would be silently dropped. Load the LoRA "
-    "(the normal 'Load LoRA' node) on the full-precision MODEL and connect that to Qua2SeDiMo Apply Config: "
-    "pending patches are baked into the weights before quantization."
-)
+def _lora_path() -> str:
+    value = os.environ.get(LORA_PATH_ENV, "").strip().lower() or "branch"
+    if value not in ("branch", "dequant"):
+        raise ValueError(f"{LORA_PATH_ENV}={value!r} is not 'branch' or 'dequant'")
+    return value
+
+
+def _lowrank_terms(patches: list) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """ComfyUI weight patches as low-rank terms ``(down [r, K], up [N, r], scale)`` when every one is a plain LoRA
+    on the whole weight at model strength 1 (the exact case of ``W·x + scale·up·(down·x)``); None otherwise (LoHa,
+    LoKr, DoRA, merges, offsets, strength_model ≠ 1: those are applied to the dequantized weight)."""
+    terms = []
+    for patch_list, _key in patches:
+        for strength, adapter, strength_model, offset, function in patch_list:
+            weights = getattr(adapter, "weights", None)
+            if (strength_model != 1.0 or offset is not None or function is not None
+                    or type(adapter).__name__ != "LoRAAdapter" or weights is None):
+                return None
+            up, down, alpha, mid, dora_scale, reshape = weights[:6]
+            if mid is not None or dora_scale is not None or reshape is not None or up.dim() != 2 or down.dim() != 2:
+                return None
+            scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+            terms.append((down, up, scale))
+    return terms
+
+
+class _PackedOp:
+    """What ComfyUI's Linear/Conv2d ops need to run with a :class:`PackedWeight` as ``weight``: the weight is moved
+    to the input's device as it is (packed), ComfyUI's weight functions (low-VRAM LoRA patches) and the patches our
+    patcher attaches to the weight are applied to the dequantized weight, on the fly; nothing is re-quantized."""
+
+    act_bits = 16
+
+    def _packed_inputs(self, x: torch.Tensor) -> tuple[PackedWeight, torch.Tensor | None]:
+        non_blocking = comfy.model_management.device_supports_non_blocking(x.device)
+        w = self.weight if self.weight.device == x.device else self.weight.to(x.device, non_blocking=non_blocking)
+        bias = None
+        if self.bias is not None:
+            bias = comfy.model_management.cast_to(self.bias, x.dtype, x.device, non_blocking=non_blocking,
+                                                  copy=bool(self.bias_function))
+            for f in self.bias_function:
+                bias = f(bias)
+        return w, bias
+
+    def _patched_dense(self, w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+        dense = w.dequantize(torch.float32)  # patch arithmetic in fp32, as ComfyUI's patcher does
+        for patch_list, key in w.patches:
+            dense = comfy.lora.calculate_weight(patch_list, dense, key)
+        for f in self.weight_function:
+            dense = f(dense)
+        return dense.to(dtype)
+
+    def _lowrank(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+        """The weight's patches as low-rank terms on ``x``'s device and dtype (cached on the patched weight)."""
+        if self.weight_function or _lora_path() == "dequant":
+            return None
+        cache = self.weight.__dict__.setdefault("lowrank_cache", {})
+        key = (x.device, x.dtype)
+        if key not in cache:
+            terms = _lowrank_terms(self.weight.patches)
+            cache[key] = None if terms is None else [(d.to(x.device, x.dtype), u.to(x.device, x.dtype), s)
+                                                     for d, u, s in terms]
+        return cache[key]
+
+
+def _every_op() -> None:
+    hook = getattr(comfy.ops, "run_every_op", None)  # ComfyUI ≥ 0.4: interrupts inside a step
+    if hook is not None:
+        hook()
+
+
+class QuantOps(comfy.ops.manual_cast):
+    """ComfyUI's ops with layers that run packed weights (and load them from a quantized file)."""
+
+    packed: dict[str, PackedWeight] = {}
+    layer_info: dict[str, dict] = {}
+
+    class Linear(_PackedOp, comfy.ops.manual_cast.Linear):
+        def forward(self, x, *args, **kwargs):
+            if not isinstance(self.weight, PackedWeight):
+                return super().forward(x, *args, **kwargs)
+            _every_op()
+            w, bias = self._packed_inputs(x)
+            if not w.patches and not self.weight_function:
+                return packed_linear(x, w, bias, self.act_bits)
+            terms = self._lowrank(x)
+            if terms is None:
+                return F.linear(quantize_tokens(x, self.act_bits), self._patched_dense(w, x.dtype), bias)
+            y = packed_linear(x, w, bias, self.act_bits)
+            for down, up, scale in terms:
+                y = y + F.linear(F.linear(x, down), up) * scale
+            return y
+
+    class Conv2d(_PackedOp, comfy.ops.manual_cast.Conv2d):
+        def forward(self, x, *args, **kwargs):
+            if not isinstance(self.weight, PackedWeight):
+                return super().forward(x, *args, **kwargs)
+            _every_op()
+            w, bias = self._packed_inputs(x)
+            dense = self._patched_dense(w, x.dtype) if (w.patches or self.weight_function) else w.dequantize(x.dtype)
+            return dense_conv2d(self, x, dense, bias)
+
+
+def comfy_quant_layer(module: nn.Module, q: QuantizedWeight, act_bits: int = 16) -> nn.Module:
+    """The ComfyUI layer (:class:`QuantOps`) running the packed weight ``q`` in place of the dense ``module``."""
+    if isinstance(module, nn.Conv2d):
+        layer = QuantOps.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                module.padding, module.dilation, module.groups, module.bias is not None,
+                                module.padding_mode, device="meta")
+    else:
+        n_out, n_in = q.shape
+        layer = QuantOps.Linear(n_in, n_out, module.bias is not None, device="meta")
+    layer.weight = nn.Parameter(q.packed.to(_weight_device(module)), requires_grad=False)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach().to(q.dtype, copy=True), requires_grad=False)
+    layer.act_bits = act_bits
+    layer.train(module.training)
+    return layer
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    w = getattr(module, "weight", None)
+    return w.device if isinstance(w, torch.Tensor) and w.device.type != "meta" else torch.device("cpu")
 
 
 class _QuantPatcherMixin:
-    """Refuses weight patches (LoRA, model merging) and forward injections (bypass LoRA) with a clear message
-    instead of silently dropping them: ComfyUI's LoRA loaders only map keys of dense ``.weight`` tensors, which
-    packed layers do not have."""
+    """A ModelPatcher for models with packed layers: LoRA and other weight patches on a packed weight are attached
+    to it (a new tensor over the same bytes, restored from ComfyUI's backup on unpatch) and applied in the forward
+    pass, instead of being computed into a dense weight and cast back to the weight's dtype."""
 
-    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        raise ValueError(LORA_AFTER_QUANT)
-
-    def set_injections(self, key, injections):
-        raise ValueError(BYPASS_AFTER_QUANT)
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        if key not in self.patches:
+            return None
+        weight = comfy.utils.get_attr(self.model, key)
+        if not isinstance(weight, PackedWeight):
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        if key not in self.backup:
+            self.backup[key] = collections.namedtuple("Dimension", ["weight", "inplace_update"])(weight, False)
+        patched = weight.detach() if device_to is None else weight.detach().to(device_to)
+        patched.patches = [(self.patches[key], key)]
+        patched.__dict__.pop("lowrank_cache", None)
+        comfy.utils.set_attr_param(self.model, key, patched)
+        return None
 
 
 @functools.cache
@@ -371,29 +499,12 @@ def _quant_patcher_class(base: type) -> type:
 
 
 def mark_quantized(model) -> None:
-    """Make a ModelPatcher (and its clones) refuse weight patches; see ``_QuantPatcherMixin``."""
+    """Make a ModelPatcher (and its clones) patch packed weights on the fly; see ``_QuantPatcherMixin``."""
     model.__class__ = _quant_patcher_class(type(model))
 
 
 def is_quantized(model) -> bool:
     return isinstance(model, _QuantPatcherMixin)
-
-
-def _guard_bypass_lora() -> None:
-    """Make ComfyUI's bypass-LoRA loader (0.33+) refuse a quantized MODEL: when none of the LoRA's keys map to a
-    dense layer it adds nothing to the patcher, so only this entry point can tell the user."""
-    loader = getattr(comfy.sd, "load_bypass_lora_for_models", None)
-    if loader is None or getattr(loader, "_qua2sedimo_guard", False):
-        return
-
-    @functools.wraps(loader)
-    def guarded(model, clip, lora, strength_model, strength_clip, *args, **kwargs):
-        if model is not None and is_quantized(model) and strength_model != 0:
-            raise ValueError(BYPASS_AFTER_QUANT)
-        return loader(model, clip, lora, strength_model, strength_clip, *args, **kwargs)
-
-    guarded._qua2sedimo_guard = True
-    comfy.sd.load_bypass_lora_for_models = guarded
 
 
 def _quant_device() -> torch.device:
@@ -402,15 +513,25 @@ def _quant_device() -> torch.device:
 
 
 # ------------------------------------------------------------------------------------- save / load
+SAVE_WITH_PATCHES = (
+    "this MODEL carries LoRA or other weight patches ({n} layers); Save Quantized writes the packed weights only, "
+    "so the file would silently lack them. Save the quantized model before loading the LoRA, or bake the LoRA in: "
+    "load it on the full-precision MODEL before Qua2SeDiMo Apply Config."
+)
+
+
 def save_quantized(model, path: Path) -> dict:
     """Write the MODEL's denoiser (packed where quantized) to ``path`` atomically; returns the header."""
     dm = diffusion_model(model)
+    if model.patches:
+        raise ValueError(SAVE_WITH_PATCHES.format(n=len(model.patches)))
     layers = {}
     for name, mod in dm.named_modules():
-        if isinstance(mod, _QuantBase):
-            layers[name] = {"option": mod.option, "kind": mod.kind, "shape": list(mod.weight_shape),
-                            "dtype": dtype_name(mod.weight_dtype), "act_bits": mod.act_bits,
-                            "group_size": mod.group_size}
+        if is_quantized_layer(mod):
+            packing = mod.weight.packing
+            layers[name] = {"option": packing.option, "kind": "conv2d" if len(packing.shape) == 4 else "linear",
+                            "shape": list(packing.shape), "dtype": dtype_name(packing.dtype),
+                            "act_bits": int(getattr(mod, "act_bits", 16)), "group_size": packing.group_size}
     if not layers:
         raise ValueError("this MODEL holds no quantized layers: run Qua2SeDiMo Apply Config first")
     for info in quantizable_layers(dm):
@@ -423,60 +544,63 @@ def save_quantized(model, path: Path) -> dict:
         "config": config.to_dict() if config is not None else None,
         "source_fingerprint": config.fingerprint if config is not None else None,
     }
-    sd = {k: v for k, v in dm.state_dict().items()}
+    with model.use_ejected() if hasattr(model, "use_ejected") else contextlib.nullcontext():
+        sd = dict(dm.state_dict())
     save_quantized_file(path, sd, header)
     return header
 
 
-def _quant_ops(header: dict):
-    """Custom operations: layers stored quantized become QuantLinear/QuantConv2d while the state dict
-    loads, taking the packed tensors as they are. The dense placeholders ComfyUI allocates first are
-    ``torch.empty`` (pages never touched, so they cost no resident memory) and are dropped here."""
-    layers = header["layers"]
+def _quant_ops(packed: dict[str, PackedWeight], layers: dict[str, dict]) -> type:
+    """:class:`QuantOps` whose layers named in ``packed`` take their packed weight (and bias, ``act_bits``) from
+    there while ComfyUI loads the state dict; the dense placeholder ComfyUI allocates first (``torch.empty``: pages
+    never touched) is dropped."""
 
-    def load_into(module: nn.Module, cls: type, sd: dict, prefix: str) -> bool:
-        info = layers.get(prefix[:-1])
-        if info is None or info["option"] == "fp16" or prefix + "codes" not in sd:
+    def load_into(module: nn.Module, sd: dict, prefix: str) -> bool:
+        name = prefix[:-1]
+        if name not in packed:
             return False
-        method, bits = info["option"].rsplit("-", 1)
-        module._parameters.pop("weight", None)
-        module._parameters.pop("bias", None)
-        _QuantBase._init_buffers(module, info["shape"], method, int(bits), dtype_from_name(info["dtype"]),
-                                 prefix + "bias" in sd, info.get("group_size"), int(info.get("act_bits", 16)))
-        module.__class__ = cls
-        module.codes = sd[prefix + "codes"]
-        module.lut = sd[prefix + "lut"]
-        if prefix + "bias" in sd:
-            module.bias = sd[prefix + "bias"].to(module.weight_dtype)
+        info = layers[name]
+        module.weight = nn.Parameter(packed[name], requires_grad=False)
+        bias = sd.get(prefix + "bias")
+        module.bias = None if bias is None else nn.Parameter(bias.to(packed[name].packing.dtype), requires_grad=False)
+        module.act_bits = int(info.get("act_bits", 16))
         return True
 
-    class Ops(comfy.ops.manual_cast):
-        class Linear(comfy.ops.manual_cast.Linear):
+    class Ops(QuantOps):
+        class Linear(QuantOps.Linear):
             def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
-                if not load_into(self, QuantLinear, sd, prefix):
+                if not load_into(self, sd, prefix):
                     super()._load_from_state_dict(sd, prefix, *args, **kwargs)
 
-        class Conv2d(comfy.ops.manual_cast.Conv2d):
+        class Conv2d(QuantOps.Conv2d):
             def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
-                if not load_into(self, QuantConv2d, sd, prefix):
+                if not load_into(self, sd, prefix):
                     super()._load_from_state_dict(sd, prefix, *args, **kwargs)
 
     return Ops
 
 
+def _without_dynamic_vram() -> dict:
+    """Keyword for ComfyUI ≥ 0.4's loaders: quantized models use the classic ModelPatcher (its partial loading and
+    low-VRAM modes); the dynamic-VRAM caster reinterprets a weight's bytes as a dense tensor of its dtype."""
+    accepts = "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters
+    return {"disable_dynamic": True} if accepts else {}
+
+
 def load_quantized(path: Path):
     """A MODEL from a quantized file, detected by ComfyUI and built with our custom ops."""
     sd, header = load_quantized_file(path)
+    packed = {k.removesuffix(".weight"): v for k, v in sd.items() if isinstance(v, PackedWeight)}
     detect = dict(sd)
-    for name, info in header["layers"].items():  # detection reads weight shapes: give it placeholders
-        if info["option"] != "fp16":
-            detect[f"{name}.weight"] = torch.empty(info["shape"], dtype=dtype_from_name(info["dtype"]))
-    model = comfy.sd.load_diffusion_model_state_dict(detect, model_options={"custom_operations": _quant_ops(header)})
+    for name, weight in packed.items():  # detection reads weight shapes: give it placeholders
+        detect[f"{name}.weight"] = torch.empty(weight.packing.shape, dtype=weight.packing.dtype)
+    ops = _quant_ops(packed, header["layers"])
+    model = comfy.sd.load_diffusion_model_state_dict(detect, model_options={"custom_operations": ops},
+                                                     **_without_dynamic_vram())
     if model is None:
         raise ValueError(f"ComfyUI could not detect the model type of {path.name!r} (unsupported architecture)")
     dm = diffusion_model(model)
-    missing = [n for n, i in header["layers"].items() if i["option"] != "fp16"
-               and not isinstance(dm.get_submodule(n), _QuantBase)]
+    missing = [n for n in packed if not is_quantized_layer(dm.get_submodule(n))]
     if missing:
         raise ValueError(f"{path.name!r}: {len(missing)} quantized layer(s) did not load (e.g. {missing[0]!r})")
     if header.get("config"):

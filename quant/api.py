@@ -8,11 +8,13 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import QuantConfig
-from .layer_table import dense_only_layers
-from .layers import QuantConv2d, QuantLinear, quantized_module
+from .layer_table import dense_only_layers, is_quantized_layer
+from .layers import quantized_module
 from .options import parse_option
-from .quantizers import quantize_weight
+from .quantizers import QuantizedWeight, quantize_weight
 from .table import OptionTable
+
+LayerFactory = Callable[[nn.Module, QuantizedWeight, int], nn.Module]
 
 
 def module_nbytes(model: nn.Module) -> int:
@@ -34,13 +36,15 @@ def quantize_(
     act_bits: int = 16,
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    make_layer: LayerFactory = quantized_module,
 ) -> dict:
     """Quantize ``model`` in place as ``config`` says (layers marked ``fp16`` stay dense).
 
     Prepared weights come from ``table`` when given (no re-quantization), else each layer is
     quantized now. Layers that are already quantized with the requested option are kept (only their
-    ``act_bits`` is updated); a layer quantized differently is an error. Returns a summary with bytes
-    before/after, ``avg_bits`` and the per-layer options.
+    ``act_bits`` is updated); a layer quantized differently is an error. ``make_layer(dense_module, q, act_bits)``
+    builds each quantized layer (default: :class:`QuantLinear`/:class:`QuantConv2d`; a host framework passes its own
+    layer classes). Returns a summary with bytes before/after, ``avg_bits`` and the per-layer options.
     """
     config.check_model(model)
     if table is not None:
@@ -54,10 +58,10 @@ def quantize_(
     todo = [(n, o) for n, o in config.options.items() if o != "fp16"]
     for i, (name, option) in enumerate(todo):
         module = model.get_submodule(name)
-        if isinstance(module, QuantLinear | QuantConv2d):
-            if module.option != option:
+        if is_quantized_layer(module):
+            if module.weight.packing.option != option:
                 raise ValueError(
-                    f"layer {name!r} is already quantized as {module.option}, the config asks {option}; "
+                    f"layer {name!r} is already quantized as {module.weight.packing.option}, the config asks {option}; "
                     "start from the unquantized model"
                 )
             module.act_bits = act_bits
@@ -67,7 +71,7 @@ def quantize_(
             q = table.get(name, option)
         else:
             q = quantize_weight(module.weight, method, bits, seed, name=name)
-        new = quantized_module(module, q, act_bits)
+        new = make_layer(module, q, act_bits)
         new.to(module.weight.device)
         _set_submodule(model, name, new)
         if progress:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .packed import PackedWeight
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
@@ -45,16 +47,21 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def _layer_of(name: str, module: nn.Module) -> LayerInfo | None:
-    # Quantized layers (quant/layers.py) describe the dense weight they replace.
-    info = getattr(module, "layer_info", None)
-    if callable(info):
-        return info(name)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, PackedWeight):  # a quantized layer describes the dense weight it replaces
+        packing = weight.packing
+        return LayerInfo(name, "conv2d" if len(packing.shape) == 4 else "linear", packing.shape, packing.dtype)
     if isinstance(module, QUANTIZABLE_TYPES) or is_linear_like(module):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() >= 2:
             kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
             return LayerInfo(name, kind, tuple(weight.shape), weight.dtype)
     return None
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a packed quantized weight (a quant layer or a host framework's layer)."""
+    return isinstance(getattr(module, "weight", None), PackedWeight)
 
 
 def is_linear_like(module: nn.Module) -> bool:

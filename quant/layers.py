@@ -8,7 +8,7 @@ from torch import nn
 
 from . import kernels
 from .activations import check_act_bits, quantize_conv_input, quantize_tokens
-from .layer_table import LayerInfo, is_linear_like
+from .layer_table import is_linear_like
 from .packed import PackedLayout, PackedWeight
 from .quantizers import QuantizedWeight, quantize_weight
 
@@ -41,10 +41,6 @@ class _QuantBase(nn.Module):
     n_out = property(lambda self: self.packing.n_out)
     k_in = property(lambda self: self.packing.k_in)
     option = property(lambda self: self.packing.option)
-
-    def layer_info(self, name: str) -> LayerInfo:
-        """The dense layer this module replaces (so configs still match a quantized model)."""
-        return LayerInfo(name, self.kind, self.weight_shape, self.weight_dtype)
 
     def load_quantized(self, q: QuantizedWeight) -> None:
         """Use a prepared packed weight (e.g. from an option table; shared, not copied) in this layer."""
@@ -108,13 +104,10 @@ class QuantLinear(_QuantBase):
         return cls.from_quantized(q, linear.bias, act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
-        x = quantize_tokens(x, self.act_bits)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._cached is not None or self.cache_weight:
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        return kernels.linear(x, self.weight, bias)
+            return F.linear(quantize_tokens(x, self.act_bits), self.dequantized_weight(x.dtype), bias)
+        return packed_linear(x, self.weight, bias, self.act_bits)
 
 
 class QuantConv2d(_QuantBase):
@@ -154,14 +147,27 @@ class QuantConv2d(_QuantBase):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_conv_input(x, self.act_bits)
-        w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            x = F.pad(x, pad, mode=self.padding_mode)
-            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return dense_conv2d(self, x, self.dequantized_weight(x.dtype), bias)
+
+
+def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16) -> torch.Tensor:
+    """The forward of a quantized Linear: activation fake-quant (``act_bits`` < 16), then the LUT kernel."""
+    if x.shape[-1] != weight.packing.k_in:
+        raise ValueError(f"input has {x.shape[-1]} features, this layer expects {weight.packing.k_in}")
+    return kernels.linear(quantize_tokens(x, act_bits), weight, bias)
+
+
+def dense_conv2d(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 act_bits: int | None = None) -> torch.Tensor:
+    """``conv``'s convolution (its stride, padding, padding mode, dilation, groups) with a given dense weight, the
+    input fake-quantized to ``act_bits`` (default: the layer's)."""
+    x = quantize_conv_input(x, conv.act_bits if act_bits is None else act_bits)
+    if conv.padding_mode != "zeros":
+        pad = [p for p in reversed(conv.padding) for _ in range(2)]
+        return F.conv2d(F.pad(x, pad, mode=conv.padding_mode), weight, bias, conv.stride, 0, conv.dilation,
+                        conv.groups)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def quantized_module(

@@ -23,7 +23,14 @@ from collections.abc import Iterator, Mapping
 from torch import nn
 
 from .config import QuantConfig
-from .layer_table import LayerInfo, layer_table_diff, layers_fingerprint, quantizable_layers, weights_fingerprint
+from .layer_table import (
+    LayerInfo,
+    is_quantized_layer,
+    layer_table_diff,
+    layers_fingerprint,
+    quantizable_layers,
+    weights_fingerprint,
+)
 from .layers import QuantConv2d, QuantLinear, quantized_module
 from .options import FP_OPTION, parse_option
 from .table import OptionTable
@@ -47,7 +54,7 @@ class ConfigSwapper:
         self.table = table
         self._act_bits = act_bits
         layers = quantizable_layers(model)
-        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
+        quantized = [n for n, m in model.named_modules() if is_quantized_layer(m)]
         if quantized:
             raise ValueError(
                 f"the model already has quantized layers (e.g. {quantized[0]!r}); build the swapper on the "

@@ -17,6 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from qua2sedimo.quant import kernels  # noqa: E402
 from qua2sedimo.quant.kernels import reference as ref  # noqa: E402
+from qua2sedimo.quant.packed import PackedLayout, PackedWeight  # noqa: E402
 from qua2sedimo.quant.packing import pack_codes, unpack_codes  # noqa: E402
 
 try:
@@ -43,6 +44,16 @@ def make_weight(n, k, bits, kind, *, lut_dtype=torch.float32, seed=0, device="cp
     rows = {"layer": 1, "channel": n, "group": n * -(-k // group_size)}[kind]
     lut = torch.randn(rows, 1 << bits, generator=g).to(lut_dtype)
     return codes.to(device), pack_codes(codes, bits).to(device), lut.to(device)
+
+
+METHOD_OF_KIND = {"layer": "kmeans_a", "channel": "kmeans_c", "group": "uaq"}
+
+
+def pw(packed, lut, bits, n, k, kind, group_size=GS):
+    """The :class:`PackedWeight` of packed codes and a table of ``kind``."""
+    layout = PackedLayout(METHOD_OF_KIND[kind], bits, (n, k), lut.dtype, group_size if kind == "group" else None,
+                          lut_dtype=lut.dtype)
+    return PackedWeight.from_parts(packed, lut, layout)
 
 
 def oracle_weight(packed, lut, bits, n, k, kind, group_size=GS):
@@ -78,11 +89,12 @@ def test_reference_dequantize_exact(bits, kind, k):
     n = 9
     codes, packed, lut = make_weight(n, k, bits, kind, seed=k + bits)
     assert torch.equal(unpack_codes(packed, bits, k), codes.int())
-    gs = GS if kind == "group" else None
-    w = ref.dequantize(packed, lut, bits, n, k, gs)
+    weight = pw(packed, lut, bits, n, k, kind)
+    w = ref.dequantize(weight)
     assert w.dtype == lut.dtype and w.shape == (n, k)
     assert torch.equal(w.double(), oracle_weight(packed, lut, bits, n, k, kind))
-    assert ref.dequantize(packed, lut, bits, n, k, gs, dtype=torch.float16).dtype == torch.float16
+    assert ref.dequantize(weight, dtype=torch.float16).dtype == torch.float16
+    assert torch.equal(weight.codes, packed) and torch.equal(weight.lut, lut)  # views of the one tensor
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -108,7 +120,7 @@ def test_reference_dequantize_rows_property(n, k, bits, kind, group_size, bounds
     _, packed, lut = make_weight(n, k, bits, kind, seed=seed, group_size=group_size)
     full = oracle_weight(packed, lut, bits, n, k, kind, group_size)
     rows = slice(*bounds)
-    got = ref.dequantize(packed, lut, bits, n, k, group_size, torch.float64, rows=rows)
+    got = ref.dequantize(pw(packed, lut, bits, n, k, kind, group_size), torch.float64, rows=rows)
     assert torch.equal(got, full[rows])
 
 
@@ -120,7 +132,7 @@ def test_reference_lut_linear_vs_oracle(dtype, kind, with_bias):
     _, packed, lut = make_weight(n, k, bits, kind, seed=3)
     x = torch.randn(2, 3, k).to(dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
-    y = ref.lut_linear(x, packed, lut, bits, k, bias, GS if kind == "group" else None)
+    y = ref.linear(x, pw(packed, lut, bits, n, k, kind), bias)
     assert y.dtype == dtype and y.shape == (2, 3, n)
     w64 = oracle_weight(packed, lut, bits, n, k, kind)
     assert rel_err(y, oracle_linear(x, w64, bias)) < TOL[dtype]
@@ -131,8 +143,9 @@ def test_reference_chunking_matches_unchunked(chunk_rows):
     n, k, bits = 24, 72, 4
     _, packed, lut = make_weight(n, k, bits, "channel", seed=5)
     x, bias = torch.randn(5, k), torch.randn(n)
-    full = ref.lut_linear(x, packed, lut, bits, k, bias)
-    got = ref.lut_linear(x, packed, lut, bits, k, bias, chunk_rows=chunk_rows)
+    weight = pw(packed, lut, bits, n, k, "channel")
+    full = ref.linear(x, weight, bias)
+    got = ref.linear(x, weight, bias, chunk_rows=chunk_rows)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)  # gemv vs gemm summation order
 
 
@@ -140,7 +153,8 @@ def test_reference_default_chunk_bounds_weights(monkeypatch):
     n, k, bits = 40, 64, 3
     _, packed, lut = make_weight(n, k, bits, "layer", seed=6)
     x = torch.randn(4, k)
-    expected = ref.lut_linear(x, packed, lut, bits, k)
+    weight = pw(packed, lut, bits, n, k, "layer")
+    expected = ref.linear(x, weight)
     calls = []
     real = ref.dequantize
 
@@ -151,7 +165,7 @@ def test_reference_default_chunk_bounds_weights(monkeypatch):
 
     monkeypatch.setattr(ref, "CHUNK_WEIGHTS", 10 * k)
     monkeypatch.setattr(ref, "dequantize", spy)
-    got = ref.lut_linear(x, packed, lut, bits, k)
+    got = ref.linear(x, weight)
     assert calls == [10 * k] * 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -159,36 +173,39 @@ def test_reference_default_chunk_bounds_weights(monkeypatch):
 def _bad_calls():
     _, p4, lut4 = make_weight(8, 20, 4, "channel")
     x = torch.randn(3, 20)
-    lin = ref.lut_linear
-    deq = ref.dequantize
+    w4 = pw(p4, lut4, 4, 8, 20, "channel")
+    lay = w4.packing
+    parts = PackedWeight.from_parts
     return {
-        "codes dtype": (lambda: lin(x, p4.to(torch.int32), lut4, 4, 20), r"codes must be a uint8 tensor"),
-        "codes shape": (lambda: lin(x, p4[:, :-1], lut4, 4, 20), r"expected \(8, 10\)"),
-        "codes 1-D": (lambda: lin(x, p4.reshape(-1), lut4, 4, 20), r"2-D uint8 tensor"),
-        "bits": (lambda: lin(x, p4, lut4, 5, 20), r"unsupported bit width 5"),
-        "lut levels": (lambda: lin(x, p4, lut4[:, :8], 4, 20), r"expected \[R, 16\]"),
-        "lut rows": (
-            lambda: lin(x, p4, lut4[:3], 4, 20),
-            r"lut has 3 rows: expected 1 .* or N=8 .*group_size",
+        "codes dtype": (lambda: parts(p4.to(torch.int32), lut4, lay), r"codes are torch.int32 .*expected uint8"),
+        "codes shape": (lambda: parts(p4[:, :-1], lut4, lay), r"expected uint8 \(8, 10\)"),
+        "codes 1-D": (lambda: parts(p4.reshape(-1), lut4, lay), r"expected uint8 \(8, 10\)"),
+        "bits": (lambda: PackedLayout("kmeans_c", 5, (8, 20), torch.float32), r"unsupported bit width 5"),
+        "lut levels": (lambda: parts(p4, lut4[:, :8], lay), r"table is torch.float32 \(8, 8\), expected .*\(8, 16\)"),
+        "lut rows": (lambda: parts(p4, lut4[:3], lay), r"table is torch.float32 \(3, 16\), expected"),
+        "lut rows group": (
+            lambda: parts(p4, lut4[:3], PackedLayout("uaq", 4, (8, 20), torch.float32, 8)), r"expected .*\(24, 16\)",
         ),
-        "lut rows group": (lambda: lin(x, p4, lut4[:3], 4, 20, group_size=8), r"N\*ceil\(K/group_size\)=24"),
-        "lut dtype": (lambda: lin(x, p4, lut4.long(), 4, 20), r"lut must be a float16/bfloat16/float32"),
-        "x last dim": (lambda: lin(torch.randn(3, 21), p4, lut4, 4, 20), r"expected last dimension K=20"),
-        "x int": (lambda: lin(torch.ones(3, 20, dtype=torch.int64), p4, lut4, 4, 20), r"floating-point"),
-        "bias shape": (
-            lambda: lin(x, p4, lut4, 4, 20, torch.randn(7)),
-            r"bias of shape \(7,\).*expected \(8,\)",
-        ),
-        "chunk_rows": (lambda: lin(x, p4, lut4, 4, 20, chunk_rows=0), r"chunk_rows must be a positive int"),
-        "k_in": (lambda: deq(p4, lut4, 4, 8, 0), r"k_in must be a positive int"),
-        "n_out": (lambda: deq(p4, lut4, 4, 9, 20), r"expected \(9, 10\)"),
-        "group_size": (
-            lambda: deq(p4, lut4, 4, 8, 20, group_size=0),
-            r"group_size must be None or a positive",
-        ),
-        "rows step": (lambda: deq(p4, lut4, 4, 8, 20, rows=slice(0, 8, 2)), r"contiguous slice"),
-        "rows type": (lambda: deq(p4, lut4, 4, 8, 20, rows=[0, 1]), r"rows must be a slice"),
+        "lut dtype": (lambda: parts(p4, lut4.long(), lay), r"table is torch.int64"),
+        "lut non-finite": (lambda: parts(p4, lut4.clone().fill_(float("nan")), lay), r"NaN/Inf"),
+        "x last dim": (lambda: ref.linear(torch.randn(3, 21), w4), r"expected last dimension K=20"),
+        "x int": (lambda: ref.linear(torch.ones(3, 20, dtype=torch.int64), w4), r"floating-point"),
+        "bias shape": (lambda: ref.linear(x, w4, torch.randn(7)), r"bias of shape \(7,\).*expected \(8,\)"),
+        "chunk_rows": (lambda: ref.linear(x, w4, chunk_rows=0), r"chunk_rows must be a positive int"),
+        "k_in": (lambda: PackedLayout("uaq", 4, (8, 0), torch.float32), r"positive integers"),
+        "dense dtype": (lambda: PackedLayout("uaq", 4, (8, 20), torch.int8), r"must be floating point"),
+        "group_size": (lambda: PackedLayout("uaq", 4, (8, 20), torch.float32, -1), r"group_size must be None or"),
+        "group method": (lambda: PackedLayout("kmeans_c", 4, (8, 20), torch.float32, 8), r"only defined for 'uaq'"),
+        "rows step": (lambda: ref.dequantize(w4, rows=slice(0, 8, 2)), r"contiguous slice"),
+        "rows type": (lambda: ref.dequantize(w4, rows=[0, 1]), r"rows must be a slice"),
+        "raw size": (lambda: PackedWeight.wrap(torch.zeros(3, dtype=torch.uint8), lay), r"uint8 bytes, got"),
     }
+
+
+def test_kernels_take_packed_weights_only():
+    _, p4, lut4 = make_weight(8, 20, 4, "channel")
+    with pytest.raises(TypeError, match="expected a PackedWeight"):
+        kernels.linear(torch.randn(2, 20), p4)
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
@@ -257,14 +274,13 @@ def test_triton_dequant_vs_reference(bits, kind, n, k, dtype):
     buf, out = _poisoned_out(n, k, dtype)
     tri.dequant_into(_guarded(packed, 0xFF), _guarded(lut, float("nan")), bits, k, out)
     _assert_written_exactly(buf, out)
-    expected = ref.dequantize(packed, lut, bits, n, k, dtype=dtype)
+    expected = ref.dequantize(pw(packed, lut, bits, n, k, kind), dtype=dtype)
     if tri.INTERPRET and dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (GPU rounds)
         torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
     else:
         assert torch.equal(out, expected)
-    assert torch.equal(
-        tri.dequantize(packed, lut.to(dtype), bits, n, k), ref.dequantize(packed, lut.to(dtype), bits, n, k)
-    )
+    weight = pw(packed, lut.to(dtype), bits, n, k, kind)
+    assert torch.equal(tri.dequantize(weight), ref.dequantize(weight))
 
 
 @needs_triton
@@ -282,14 +298,15 @@ def test_triton_public_lut_linear_dtypes(lut_dtype, x_dtype):
     _, packed, lut = make_weight(n, k, bits, "channel", lut_dtype=lut_dtype, seed=11, device=DEV)
     x = torch.randn(2, 5, k).to(x_dtype).to(DEV)
     bias = torch.randn(n, device=DEV).to(x_dtype)
-    y = tri.lut_linear(x, packed, lut, bits, k, bias)
+    weight = pw(packed, lut, bits, n, k, "channel")
+    y = tri.linear(x, weight, bias)
     assert y.shape == (2, 5, n) and y.dtype == x_dtype
     w64 = oracle_weight(packed, lut, bits, n, k, "channel")
     assert rel_err(y, oracle_linear(x.reshape(-1, k), w64, bias).reshape(2, 5, n)) < TOL[x_dtype]
     rows = slice(3, 31)
     torch.testing.assert_close(
-        tri.dequantize(packed, lut, bits, n, k, rows=rows),
-        ref.dequantize(packed, lut, bits, n, k, rows=rows),
+        tri.dequantize(weight, rows=rows),
+        ref.dequantize(weight, rows=rows),
         rtol=0,
         atol=0,
     )
@@ -348,27 +365,32 @@ def test_triton_large_m_uses_dequant_matmul(monkeypatch, chunk_rows):
         raise AssertionError("fused kernel must not run above FUSED_MAX_M")
 
     monkeypatch.setattr(tri, "fused_into", boom)
-    y = tri.lut_linear(x, packed, lut, bits, k, bias, chunk_rows=chunk_rows)
+    y = tri.linear(x, pw(packed, lut, bits, n, k, "channel"), bias, chunk_rows=chunk_rows)
     assert rel_err(y, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"), bias)) < 1e-5
 
 
 @needs_triton
 def test_triton_errors(monkeypatch):
     _, packed, lut = make_weight(8, 64, 4, "group", device=DEV, group_size=32)
+    grouped = pw(packed, lut, 4, 8, 64, "group", 32)
+    channel = pw(packed, lut[:8], 4, 8, 64, "channel")
     x = torch.randn(2, 64, device=DEV)
     with pytest.raises(ValueError, match="group-wise tables are only supported by the reference backend"):
-        tri.lut_linear(x, packed, lut, 4, 64, group_size=32)
+        tri.linear(x, grouped)
     with pytest.raises(ValueError, match="group-wise tables are only supported by the reference backend"):
-        tri.dequantize(packed, lut, 4, 8, 64, group_size=32)
+        tri.dequantize(grouped)
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
-        tri.lut_linear(x.double(), packed, lut[:8], 4, 64)
+        tri.linear(x.double(), channel)
     with pytest.raises(ValueError, match="expected last dimension K=64"):
-        tri.lut_linear(x[:, :63], packed, lut[:8], 4, 64)
-    assert tri.lut_linear(x[:0], packed, lut[:8], 4, 64).shape == (0, 8)
+        tri.linear(x[:, :63], channel)
+    assert tri.linear(x[:0], channel).shape == (0, 8)
+    assert not tri.supports(grouped, torch.float32, torch.device(DEV))
+    assert not tri.supports(channel, torch.float64, torch.device(DEV))
     if DEV == "cpu":
         monkeypatch.setattr(tri, "INTERPRET", False)
+        assert not tri.supports(channel, torch.float32, torch.device("cpu"))
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            tri.lut_linear(x, packed, lut[:8], 4, 64)
+            tri.linear(x, channel)
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -377,19 +399,27 @@ def test_triton_errors(monkeypatch):
 @pytest.fixture
 def fresh_registry(monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())
-    monkeypatch.setattr(kernels, "_state", dict(kernels._state))
+    monkeypatch.setattr(kernels, "_disabled", set())
+    monkeypatch.setattr(kernels, "_triton_state", dict(kernels._triton_state))
+    monkeypatch.setattr(kernels, "_registry", list(kernels._registry))
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
     return monkeypatch
 
 
+def _channel_weight(n=16, k=32, bits=4, device=DEV):
+    _, packed, lut = make_weight(n, k, bits, "channel", device=device)
+    return pw(packed, lut, bits, n, k, "channel")
+
+
 def test_registry_env_override(fresh_registry):
     mp = fresh_registry
-    assert kernels.get_backend("cpu") is ref
+    w = _channel_weight(device="cpu")
+    assert kernels.select(w, torch.float32, "cpu") is kernels.REFERENCE
     mp.setenv(kernels.BACKEND_ENV, "reference")
-    assert kernels.get_backend("cuda") is ref
+    assert kernels.select(w, torch.float32, "cuda") is kernels.REFERENCE
     mp.setenv(kernels.BACKEND_ENV, "bogus")
     with pytest.raises(ValueError, match="QUA2SEDIMO_BACKEND='bogus' is not one of"):
-        kernels.get_backend("cpu")
+        kernels.select(w, torch.float32, "cpu")
     assert "reference" in kernels.available_backends()
 
 
@@ -397,74 +427,94 @@ def test_registry_env_override(fresh_registry):
 def test_registry_forced_triton(fresh_registry):
     mp = fresh_registry
     mp.setenv(kernels.BACKEND_ENV, "triton")
-    assert kernels.get_backend(DEV) is tri
+    w = _channel_weight()
+    assert kernels.select(w, torch.float32) is kernels.TRITON
     assert "triton" in kernels.available_backends()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        assert kernels.get_backend("meta") is ref
-        assert kernels.get_backend("meta") is ref
+        assert kernels.select(w, torch.float32, "meta") is kernels.REFERENCE
+        assert kernels.select(w, torch.float32, "meta") is kernels.REFERENCE
     assert len(rec) == 1 and "cannot run on meta" in str(rec[0].message)
+    # capabilities: group-wise tables and float64 go to the reference
+    _, packed, lut = make_weight(16, 64, 3, "group", device=DEV)
+    assert kernels.select(pw(packed, lut, 3, 16, 64, "group"), torch.float32) is kernels.REFERENCE
+    assert kernels.select(w, torch.float64) is kernels.REFERENCE
     if DEV == "cpu":
         mp.setattr(tri, "INTERPRET", False)
         with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
-            assert kernels.get_backend("cpu") is ref
+            assert kernels.select(w, torch.float32, "cpu") is kernels.REFERENCE
 
 
 def test_registry_import_failure_falls_back(fresh_registry):
     mp = fresh_registry
-    mp.setattr(kernels, "_state", {"triton": None, "error": ImportError("no triton here")})
+    mp.setattr(kernels, "_triton_state", {"module": None, "error": ImportError("no triton here")})
+    w = _channel_weight(device="cpu")
     with pytest.warns(RuntimeWarning, match="triton backend unavailable.*no triton here"):
-        assert kernels.get_backend("cuda") is ref
+        assert kernels.select(w, torch.float32, "cuda") is kernels.REFERENCE
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        assert kernels.get_backend("cuda") is ref
+        assert kernels.select(w, torch.float32, "cuda") is kernels.REFERENCE
     assert kernels.available_backends() == ["reference"]
 
 
 @needs_triton
-def test_registry_runtime_failure_falls_back(fresh_registry):
+def test_registry_runtime_failure_disables_that_kind_of_call(fresh_registry):
     mp = fresh_registry
     mp.setenv(kernels.BACKEND_ENV, "triton")
-    _, packed, lut = make_weight(16, 32, 4, "channel", device=DEV)
+    w = _channel_weight()
     x = torch.randn(3, 32, device=DEV)
 
     def broken(*a, **kw):
         raise RuntimeError("PTX compile failed")
 
-    mp.setattr(tri, "lut_linear", broken)
+    mp.setattr(tri, "linear", broken)
     with pytest.warns(RuntimeWarning, match="PTX compile failed"):
-        y = kernels.lut_linear(x, packed, lut, 4, 32)
-    torch.testing.assert_close(y, ref.lut_linear(x, packed, lut, 4, 32))
-    assert kernels.get_backend(DEV) is ref
+        y = kernels.linear(x, w)
+    torch.testing.assert_close(y, ref.linear(x, w))
+    assert kernels.select(w, torch.float32) is kernels.REFERENCE  # that kind of call: no longer triton
+    assert kernels.select(w, torch.float16) is kernels.TRITON  # other activation dtypes still are
 
 
 @needs_triton
-def test_registry_convenience_dispatch(fresh_registry):
+def test_registry_dispatch(fresh_registry):
     mp = fresh_registry
     mp.setenv(kernels.BACKEND_ENV, "triton")
     n, k = 16, 64
     _, packed, lut = make_weight(n, k, 3, "channel", device=DEV)
+    w = pw(packed, lut, 3, n, k, "channel")
     x = torch.randn(4, k, device=DEV)
     calls = []
-    real = tri.lut_linear
-    mp.setattr(tri, "lut_linear", lambda *a: calls.append(1) or real(*a))
-    torch.testing.assert_close(kernels.lut_linear(x, packed, lut, 3, k), ref.lut_linear(x, packed, lut, 3, k))
+    real = tri.linear
+    mp.setattr(tri, "linear", lambda *a: calls.append(1) or real(*a))
+    torch.testing.assert_close(kernels.linear(x, w), ref.linear(x, w))
     assert calls == [1]
-    # group-wise tables and float64 go to the reference, not to triton
     _, gpacked, glut = make_weight(n, k, 3, "group", device=DEV)
-    y = kernels.lut_linear(x, gpacked, glut, 3, k, group_size=GS)
-    torch.testing.assert_close(y, ref.lut_linear(x, gpacked, glut, 3, k, group_size=GS))
-    kernels.lut_linear(x.double(), packed, lut, 3, k)
+    grouped = pw(gpacked, glut, 3, n, k, "group")
+    torch.testing.assert_close(kernels.linear(x, grouped), ref.linear(x, grouped))
+    kernels.linear(x.double(), w)
     assert calls == [1]
-    w = kernels.dequantize(gpacked, glut, 3, n, k, GS, torch.float64)
-    assert torch.equal(w, ref.dequantize(gpacked, glut, 3, n, k, GS, torch.float64))
+    assert torch.equal(kernels.dequantize(grouped, torch.float64), ref.dequantize(grouped, torch.float64))
     with pytest.raises(ValueError, match="expected last dimension K=64"):
-        kernels.lut_linear(x[:, :5], packed, lut, 3, k)
+        kernels.linear(x[:, :5], w)
+
+
+def test_registry_register_backend_first(fresh_registry):
+    w = _channel_weight(device="cpu")
+    seen = []
+    custom = kernels.Backend("custom", lambda w, x_dtype, device, m: m is not None and m <= 2,
+                             lambda x, w, b=None, c=None: seen.append(x.shape[0]) or ref.linear(x, w, b),
+                             ref.dequantize, accelerator_only=False)
+    kernels.register_backend(custom)
+    kernels.linear(torch.randn(2, 32), w)
+    kernels.linear(torch.randn(5, 32), w)  # outside its M range: the reference
+    assert seen == [2] and kernels.available_backends()[0] == "custom"
 
 
 def test_registry_default_cpu_is_reference(fresh_registry):
     _, packed, lut = make_weight(16, 40, 4, "layer")
+    w = pw(packed, lut, 4, 16, 40, "layer")
     x = torch.randn(2, 40, dtype=torch.float16)
-    y = kernels.lut_linear(x, packed, lut, 4, 40)
+    y = kernels.linear(x, w)
     assert y.dtype == torch.float16
-    torch.testing.assert_close(y, ref.lut_linear(x, packed, lut, 4, 40), rtol=0, atol=0)
+    torch.testing.assert_close(y, ref.linear(x, w), rtol=0, atol=0)
+    assert torch.equal(w.dequantize(), ref.dequantize(w, torch.float32))

@@ -48,7 +48,8 @@ def test_linear_matches_dequantized_weight(method, bits):
     assert torch.allclose(q(x), F.linear(x, w, lin.bias), atol=1e-5)
     assert set(q.state_dict()) == {"weight", "bias"} and isinstance(q.state_dict()["weight"], PackedWeight)
     assert not any(p.requires_grad for p in q.parameters())  # a frozen packed weight, no dense copy
-    assert q.weight.numel() * q.weight.element_size() == q.packing.nbytes == q.packing.lut_offset + q.packing.lut_rows * 2**bits * 4
+    lay = q.packing
+    assert q.weight.numel() * q.weight.element_size() == lay.nbytes == lay.lut_offset + lay.lut_rows * 2**bits * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
