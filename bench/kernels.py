@@ -8,8 +8,8 @@ Convention: a shape is ``(N, K) = (out_features, in_features)`` of an ``nn.Linea
 Columns (times in ms, median): dense ``F.linear`` baselines (GPU: fp16 and bf16, L2-flushed
 ``triton.testing.do_bench``; CPU: fp32, ``time.perf_counter`` after warm-up), the fused Triton LUT GEMM (GPU
 only, forced for every M), Triton dequant + ``F.linear`` ("deq+mm"; CPU: reference dequant + ``F.linear``),
-and the reference ``lut_linear``. Ratios ``×`` = baseline time / quantized time (> 1: faster than dense;
-GPU ratios use the baseline of the activation dtype). ``auto`` is the path ``lut_linear`` dispatches to.
+and the reference ``linear``. Ratios ``×`` = baseline time / quantized time (> 1: faster than dense;
+GPU ratios use the baseline of the activation dtype). ``auto`` is the path ``kernels.linear`` dispatches to.
 ``err`` is the largest relative error of the quantized paths against the reference.
 """
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qua2sedimo.quant.kernels import reference as ref
+from qua2sedimo.quant.packed import PackedLayout, PackedWeight
 from qua2sedimo.quant.packing import pack_codes
 
 # (name, N = out_features, K = in_features)
@@ -90,12 +91,13 @@ def time_cuda(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def make_quantized(n: int, k: int, bits: int, table: str, lut_dtype: torch.dtype, device: str):
+def make_quantized(n: int, k: int, bits: int, table: str, lut_dtype: torch.dtype, device: str) -> PackedWeight:
     g = torch.Generator().manual_seed(n * 7 + k + bits)
     codes = pack_codes(torch.randint(0, 1 << bits, (n, k), generator=g), bits)
     rows = n if table == "channel" else 1
-    lut = (torch.randn(rows, 1 << bits, generator=g) * 0.02).sort(dim=1).values
-    return codes.to(device), lut.to(lut_dtype).to(device)
+    lut = (torch.randn(rows, 1 << bits, generator=g) * 0.02).sort(dim=1).values.to(lut_dtype)
+    layout = PackedLayout("kmeans_c" if table == "channel" else "kmeans_a", bits, (n, k), lut_dtype)
+    return PackedWeight.from_parts(codes, lut, layout).to(device)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,11 +109,12 @@ def bench_case(name: str, n: int, k: int, m: int, bits: int, args: argparse.Name
     dev = args.device
     xdt = DTYPES[args.dtype] if dev == "cuda" else torch.float32
     ldt = xdt if dev == "cuda" else torch.float16  # tables are stored in 16 bit
-    codes, lut = make_quantized(n, k, bits, args.table, ldt, dev)
+    pw = make_quantized(n, k, bits, args.table, ldt, dev)
+    codes, lut = pw.codes, pw.lut
     x = torch.randn(m, k, device=dev).to(xdt)
-    w = ref.dequantize(codes, lut, bits, n, k, dtype=xdt)
+    w = ref.dequantize(pw, dtype=xdt)
     row: dict = {"layer": name, "NxK": f"{n}×{k}", "M": m, "bits": bits}
-    y_ref = ref.lut_linear(x, codes, lut, bits, k)
+    y_ref = ref.linear(x, pw)
     errs = []
     if dev == "cuda":
         from qua2sedimo.quant.kernels import triton_lut as tri
@@ -121,20 +124,20 @@ def bench_case(name: str, n: int, k: int, m: int, bits: int, args: argparse.Name
             row[f"{tag} ms"] = time_cuda(lambda wb=wb, xb=xb: F.linear(xb, wb))
         out = torch.empty(m, n, dtype=xdt, device=dev)
         fused = lambda: tri.fused_into(x, codes, lut, bits, k, None, out)  # noqa: E731
-        deq_mm = lambda: F.linear(x, tri.dequantize(codes, lut, bits, n, k, dtype=xdt))  # noqa: E731
+        deq_mm = lambda: F.linear(x, tri.dequantize(pw, dtype=xdt))  # noqa: E731
         errs += [rel_err(fused(), y_ref), rel_err(deq_mm(), y_ref)]
         row["fused ms"] = time_cuda(fused)
         row["deq+mm ms"] = time_cuda(deq_mm)
-        row["ref ms"] = time_cuda(lambda: ref.lut_linear(x, codes, lut, bits, k))
+        row["ref ms"] = time_cuda(lambda: ref.linear(x, pw))
         row["auto"] = "fused" if m <= tri.FUSED_MAX_M else "deq+mm"
         base = row[f"{args.dtype} ms"]
         quant = ("fused", "deq+mm", "ref")
     else:
         row["fp32 ms"] = time_cpu(lambda: F.linear(x, w))
-        deq_mm = lambda: F.linear(x, ref.dequantize(codes, lut, bits, n, k, dtype=xdt))  # noqa: E731
+        deq_mm = lambda: F.linear(x, ref.dequantize(pw, dtype=xdt))  # noqa: E731
         errs.append(rel_err(deq_mm(), y_ref))
         row["deq+mm ms"] = time_cpu(deq_mm)
-        row["ref ms"] = time_cpu(lambda: ref.lut_linear(x, codes, lut, bits, k))
+        row["ref ms"] = time_cpu(lambda: ref.linear(x, pw))
         row["auto"] = "ref"
         base = row["fp32 ms"]
         quant = ("deq+mm", "ref")

@@ -460,7 +460,7 @@ def comfy_quant_layer(module: nn.Module, q: QuantizedWeight, act_bits: int = 16)
         layer = QuantOps.Linear(n_in, n_out, module.bias is not None, device="meta")
     layer.weight = nn.Parameter(q.packed.to(_weight_device(module)), requires_grad=False)
     if module.bias is not None:
-        layer.bias = nn.Parameter(module.bias.detach().to(q.dtype, copy=True), requires_grad=False)
+        layer.bias = nn.Parameter(module.bias.detach().to(q.dtype), requires_grad=False)  # same storage if it can
     layer.act_bits = act_bits
     layer.train(module.training)
     return layer
