@@ -283,7 +283,7 @@ class SensitivityReport(io.ComfyNode):
             fig = path.with_name(f"{stem}{name}.png")
             atomic_write_with(fig, lambda tmp, png=png: tmp.write_bytes(png))
             figures[name] = fig.name
-        atomic_write_text(path, report_dumps({**analysis.report, "figures": figures}))
+        atomic_write_text(path, report_dumps({**analysis.report.to_json(), "figures": figures}))
         text = report_text(analysis.report) + f"\nreport: {path.relative_to(out_dir.resolve()).as_posix()}"
         return io.NodeOutput(_images(list(analysis.figures.values())), text, ui=ui.PreviewText(text))
 

@@ -20,18 +20,20 @@ from qua2sedimo.search.predictor import (
     BaselineEnsemble,
     FeatureBuilder,
     GATv2,
+    PredictorConfig,
     PredictorEnsemble,
     TargetTransform,
-    _loss,
-    _with_self_loops,
-    compare,
     hop_pool_matrix,
     lambdarank_loss,
     make_folds,
     soft_spearman_loss,
     train_baseline,
     train_predictor,
+    training_loss,
+    with_self_loops,
 )
+from qua2sedimo.search.quality import compare
+from qua2sedimo.search.report import report_json, report_text
 
 # ------------------------------------------------------------------------------------------- synthetic data
 
@@ -116,7 +118,8 @@ def data():
 def trained(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
-    return train_predictor(graph, fb, records, seed=0, **FAST), train_baseline(fb, records, folds=3, seed=0)
+    return (train_predictor(graph, fb, records, PredictorConfig(seed=0, **FAST)),
+            train_baseline(fb, records, PredictorConfig(folds=3, seed=0)))
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -159,7 +162,7 @@ def test_gatv2_matches_pyg():
     mine, ref = GATv2(5, 8), pyg.GATv2Conv(5, 8)
     ref.load_state_dict(mine.state_dict())
     x = torch.randn(3, 7, 5)
-    src, dst = _with_self_loops(edges, 7)
+    src, dst = with_self_loops(edges, 7)
     expect = torch.stack([ref(x[b], torch.tensor(edges).T) for b in range(3)])
     torch.testing.assert_close(mine(x, src, dst), expect, atol=1e-5, rtol=1e-5)
 
@@ -199,7 +202,7 @@ def test_ranking_gradients_are_applied(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
     pool, _ = hop_pool_matrix(graph, 4)
-    src, dst = _with_self_loops(graph.edges, len(graph.nodes))
+    src, dst = with_self_loops(graph.edges, len(graph.nodes))
     v = np.array([r.primary for r in records[:32]])
     t = TargetTransform.fit(v)
     torch.manual_seed(0)
@@ -207,7 +210,7 @@ def test_ranking_gradients_are_applied(data):
     x, z = fb([r.options for r in records[:32]]), torch.from_numpy(t(v)).float()
     for ranking in ("spearman", "lambdarank", "hybrid"):
         model.zero_grad()
-        _loss(model, x, z, src, dst, t, ranking, 0.0, 1.0, range(5)).backward()  # ranking term only
+        training_loss(model, x, z, src, dst, t, ranking, 0.0, 1.0, range(5)).backward()  # ranking term only
         assert all(float(p.grad.abs().sum()) > 0 for p in model.convs.parameters()), ranking
         assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.head.parameters())
     # training on the ranking loss alone makes the hop embedding norms rank the configs
@@ -215,7 +218,7 @@ def test_ranking_gradients_are_applied(data):
     with torch.no_grad():
         norms = model.pool(model.node_embeddings(x, src, dst)).abs().sum(-1)
     before = np.mean([stats.spearmanr(norms[:, m], z).statistic for m in range(5)])
-    ens = train_predictor(graph, fb, records, seed=1, mse_weight=0.0, ranking="spearman", **FAST)
+    ens = train_predictor(graph, fb, records, PredictorConfig(seed=1, mse_weight=0.0, ranking="spearman", **FAST))
     after = [h["spearman"]["mean"] for h in ens.metrics["hops"]]
     assert np.mean(after) > before + 0.3 and max(after) > 0.85, (before, after)
 
@@ -232,8 +235,8 @@ def test_predictor_learns_and_beats_nothing(trained):
     assert ens.rho.shape == (3, 5) and all(np.all(f.sigma > 0) for f in ens.folds)
     assert ridge.metrics["final"]["spearman"]["mean"] > 0.85
     table = compare(ens, ridge)
-    assert [r["metric"] for r in table["rows"]] == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
-    assert table["rows"][2]["ridge"] is None and "gnn ρ / τ" in table["text"]
+    assert [r.metric for r in table.rows] == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
+    assert table.rows[2].cells["ridge"] is None and "gnn ρ / τ" in table.text
 
 
 def test_predict_units_and_embeddings(trained, data):
@@ -253,11 +256,11 @@ def test_deterministic_with_seed(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
     kw = dict(folds=2, epochs=6, min_epochs=6, patience=6, seed=3)
-    a, b = train_predictor(graph, fb, records, **kw), train_predictor(graph, fb, records, **kw)
+    a, b = (train_predictor(graph, fb, records, PredictorConfig(**kw)) for _ in range(2))
     cfgs = [r.options for r in records[:10]]
     np.testing.assert_array_equal(a.predict(cfgs), b.predict(cfgs))
     assert a.metrics["folds"] == b.metrics["folds"]
-    c = train_predictor(graph, fb, records, **{**kw, "seed": 4})
+    c = train_predictor(graph, fb, records, PredictorConfig(**{**kw, "seed": 4}))
     assert not np.array_equal(a.predict(cfgs), c.predict(cfgs))
 
 
@@ -307,8 +310,24 @@ def test_bad_inputs(data):
     with pytest.raises(ValueError, match="at least 10"):
         train_predictor(graph, fb, records[:5])
     with pytest.raises(ValueError, match="ranking must be"):
-        train_predictor(graph, fb, records, ranking="ndcg")
+        train_predictor(graph, fb, records, PredictorConfig(ranking="ndcg"))
     nan = [Record(r.id, r.idx, r.config_key, r.options, r.avg_bits, 0, {}, float("nan"), {}, "random", 0.0)
            for r in records[:20]]
     with pytest.raises(ValueError, match="finite objective"):
         train_baseline(fb, nan)
+
+
+def test_report_holds_the_predictor_quality(trained):
+    """The report's predictor section is compare()'s table; it used to be empty (the report looked rows up by
+    keys compare() never wrote)."""
+    ens, ridge = trained
+    rep = report_json(predictor_quality=compare(ens, ridge))
+    pq = rep["predictor_quality"]
+    assert list(pq) == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
+    assert pq["final"]["gnn spearman"] > 0.85 and pq["pooled"]["ridge spearman"] > 0.85
+    assert pq["final"]["gnn spearman"] == pytest.approx(ens.metrics["final"]["spearman"]["mean"])
+    assert set(pq["hop 0"]) == {"gnn spearman", "gnn kendall"}  # the ridge has no hops
+    assert rep["predictor"]["spearman"] == pytest.approx(ens.metrics["pooled"]["spearman"])
+    assert rep["predictor"]["baseline_kendall"] == pytest.approx(ridge.metrics["pooled"]["kendall"])
+    text = report_text(rep)
+    assert "predictor quality" in text and f"{pq['pooled']['gnn spearman']:.4g}" in text

@@ -132,6 +132,8 @@ def test_report_and_build_config(comfy_inproc, tiny_models, tmp_path, monkeypatc
             assert target - 0.01 <= m["avg_bits"] <= target
     assert report["baselines"]["uniform_uaq4"]["objective"] < report["baselines"]["uniform_uaq3"]["objective"]
     assert set(report["predictor"]) >= {"spearman", "kendall", "baseline_spearman"}
+    assert {"final", "pooled", "hop 0"} <= set(report["predictor_quality"])  # the section is filled
+    assert {"gnn spearman", "ridge spearman"} <= set(report["predictor_quality"]["final"])
     assert report["evaluated"] == 16 and report["objective"] == "denoise_error"
     assert set(report["baselines"]["best_random_at_or_below_target"]) == {"3.5", "4"}
     assert all(png[:4] == b"\x89PNG" for png in a.figures.values())
