@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
-from torch import nn
+from toys import FAST, make_synthetic
 
 from qua2sedimo.quant.accounting import option_nbytes
 from qua2sedimo.quant.options import OPTIONS
-from qua2sedimo.search.graph import LayerGraph, trace_graph
 from qua2sedimo.search.journal import Record
 from qua2sedimo.search.predictor import (
     GNN,
@@ -36,77 +32,6 @@ from qua2sedimo.search.quality import compare
 from qua2sedimo.search.report import report_json, report_text
 
 # ------------------------------------------------------------------------------------------- synthetic data
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.norm = nn.LayerNorm(d, elementwise_affine=False)
-        self.attn = nn.ModuleDict({"qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d)})
-        self.cross_attn = nn.ModuleDict({"q_linear": nn.Linear(d, d), "kv_linear": nn.Linear(d, 2 * d),
-                                         "proj": nn.Linear(d, d)})
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(t)[:, None].chunk(2, dim=-1)
-        q, k, v = self.attn["qkv"](self.norm(x) * (1 + scale) + shift).chunk(3, dim=-1)
-        x = x + self.attn["proj"](F.scaled_dot_product_attention(q, k, v))
-        k, v = self.cross_attn["kv_linear"](y).chunk(2, dim=-1)
-        x = x + self.cross_attn["proj"](F.scaled_dot_product_attention(self.cross_attn["q_linear"](x), k, v))
-        return x + self.mlp(self.norm(x))
-
-
-class ToyDiT(nn.Module):
-    def __init__(self, d: int = 8, depth: int = 1):
-        super().__init__()
-        self.x_embedder = nn.Linear(4, d)
-        self.t_embedder = nn.Sequential(nn.Linear(8, d), nn.SiLU(), nn.Linear(d, d))
-        self.y_embedder = nn.Sequential(nn.Linear(12, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList([_Block(d) for _ in range(depth)])
-        self.final_layer = nn.Linear(d, 4)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, t, y = self.x_embedder(x), self.t_embedder(t), self.y_embedder(y)
-        for block in self.blocks:
-            x = block(x, y, t)
-        return self.final_layer(x)
-
-
-def toy_graph(depth: int = 1) -> LayerGraph:
-    model = ToyDiT(depth=depth)
-    g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(1, 6, 4, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, 5, 12, generator=g)
-    return trace_graph(model, lambda: model(x, t, y))
-
-
-SENSITIVE = ("blocks.0.mlp.0", "blocks.0.mlp.2")  # the FF unit dominates the objective
-INSENSITIVE = ("y_embedder.0", "y_embedder.2")  # the c-embed unit does not matter at all
-PAIR = ("blocks.0.attn.qkv", "blocks.0.attn.proj")  # interaction: both at 3 bits costs extra
-
-
-def make_synthetic(n: int = 160, seed: int = 0, noise: float = 0.03):
-    """(graph, errors, records): objective = Σ_l s_l·err(l, option) + interaction, times log-normal noise."""
-    graph = toy_graph()
-    rng = np.random.default_rng(seed)
-    names = [la.name for la in graph.layers]
-    mult = {"uaq": 1.0, "kmeans_c": 0.6, "kmeans_a": 1.5}
-    errors = {nm: {o: mult[o.split("-")[0]] * (0.02 if o.endswith("-4") else 0.1) * rng.uniform(0.8, 1.25)
-                   for o in OPTIONS} for nm in names}
-    sens = {nm: (8.0 if nm in SENSITIVE else 0.0 if nm in INSENSITIVE else rng.uniform(0.2, 1.0)) for nm in names}
-    records = []
-    for i in range(n):
-        p = rng.uniform()
-        cfg = {nm: f"{rng.choice(['uaq', 'kmeans_c', 'kmeans_a'])}-{3 if rng.uniform() < p else 4}" for nm in names}
-        v = sum(sens[nm] * errors[nm][cfg[nm]] for nm in names)
-        if all(cfg[nm].endswith("-3") for nm in PAIR):
-            v += 0.4
-        v *= math.exp(rng.normal(0, noise))
-        records.append(Record(i, i, f"k{i}", cfg, 3.5, 0, {"err": v}, v, {}, "random", 0.0))
-    return graph, errors, records
-
-
-FAST = dict(folds=3, epochs=40, min_epochs=10, patience=10)
 
 
 @pytest.fixture(scope="module")

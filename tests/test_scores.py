@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_predictor import FAST, INSENSITIVE, SENSITIVE, make_synthetic, toy_graph
+from toys import FAST, INSENSITIVE, SENSITIVE, make_synthetic, toy_graph
 
 from qua2sedimo.quant.options import OPTIONS
 from qua2sedimo.search.insights import insights

@@ -60,9 +60,9 @@ def test_denoise_error_search_and_resume(comfy_inproc, tiny_models, tmp_path, mo
     assert all(0 < r.primary < 10 and 3 <= r.avg_bits < 5 for r in recs)
     # the input MODEL is untouched by the swaps
     from qua2sedimo.nodes import comfy_bridge as bridge
-    from qua2sedimo.quant.layers import _QuantBase
+    from qua2sedimo.quant import QuantConv2d, QuantLinear
 
-    assert not any(isinstance(m, _QuantBase) for m in bridge.diffusion_model(mp).modules())
+    assert not any(isinstance(m, QuantLinear | QuantConv2d) for m in bridge.diffusion_model(mp).modules())
 
 
 @pytest.mark.comfy_inproc
