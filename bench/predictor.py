@@ -3,7 +3,8 @@
 (a) loads the tiny model through the in-process ComfyUI host, traces its layer graph and fills a journal with
 ``--configs`` random configs (about 1 s each on CPU; cached under ``bench-output/predictor/``, so reruns reuse it),
 (b) trains the GNN ensemble and the ridge baseline on the same folds and prints held-out Spearman / Kendall τ side
-by side with timings, (c) scores op-level and block-level units and prints the insights.
+by side with timings, (c) scores op-level and block-level units, builds the configs the nodes build (the
+paper rule and the predicted knapsack over op-level scores, ``search.marginal``) and prints the insights.
 
 Run: ``set -a && . .venv/.qua2sedimo-host.env && set +a && .venv/bin/python bench/predictor.py --configs 200``
 
@@ -94,21 +95,24 @@ def main() -> None:
     if a.collect_only:
         return
 
-    from qua2sedimo.search.predictor import FeatureBuilder, compare, train_baseline, train_predictor
-    from qua2sedimo.search.scores import insights, unit_scores
+    from qua2sedimo.search.insights import insights
+    from qua2sedimo.search.predictor import FeatureBuilder, PredictorConfig, train_baseline, train_predictor
+    from qua2sedimo.search.quality import compare
+    from qua2sedimo.search.scores import unit_scores
 
     timings = {}
     t0 = time.perf_counter()
     features = FeatureBuilder.from_table(graph, table)
     kw = {} if a.epochs is None else {"epochs": a.epochs}
-    ens = train_predictor(graph, features, records, seed=a.seed, ranking=None if a.ranking == "none" else a.ranking,
-                          threads=a.threads, log=lambda s: print("  " + s), **kw)
+    config = PredictorConfig(seed=a.seed, ranking=None if a.ranking == "none" else a.ranking, threads=a.threads,
+                             **kw)
+    ens = train_predictor(graph, features, records, config, log=lambda s: print("  " + s))
     timings["gnn train (5 folds)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ridge = train_baseline(features, records, seed=a.seed)
+    ridge = train_baseline(features, records, config)
     timings["ridge train (5 folds)"] = time.perf_counter() - t0
     print()
-    print(compare(ens, ridge)["text"])
+    print(compare(ens, ridge).text)
     t0 = time.perf_counter()
     ens.predict([r.options for r in records])
     timings[f"gnn predict ({len(records)} configs)"] = time.perf_counter() - t0
@@ -118,17 +122,18 @@ def main() -> None:
         scores[level] = unit_scores(ens, level=level)
         timings[f"scores {level} ({len(scores[level])} variants)"] = time.perf_counter() - t0
     from qua2sedimo.quant.layer_table import LayerInfo, dtype_from_name
-    from qua2sedimo.search.construct import knapsack, paper_rule
+    from qua2sedimo.search.construct import paper_rule
+    from qua2sedimo.search.marginal import predicted_knapsack
 
     layers = [LayerInfo(la.name, la.kind, la.shape, dtype_from_name(la.dtype)) for la in graph.layers]
     t0 = time.perf_counter()
-    built = [paper_rule(scores["block"], layers)]
+    built = [paper_rule(scores["op"], layers)]  # what the Sensitivity Report and Build Config nodes construct
     for bits in (3.25, 3.5, 3.75):
         try:
-            built.append(knapsack(scores["block"], layers, target_bits=bits, tolerance=0.05))
+            built.append(predicted_knapsack(ens, scores["op"], layers, target_bits=bits))
         except ValueError as e:
             print(f"knapsack at {bits} bits: {e}")
-    timings["construct (paper + 3 knapsacks)"] = time.perf_counter() - t0
+    timings["construct (paper + 3 predicted knapsacks)"] = time.perf_counter() - t0
     pred = ens.predict([c.options for c in built])
     constructed = ", ".join(f"{c.rule} b̄={c.avg_bits:.3f} predicted {p:.4g}" for c, p in zip(built, pred, strict=True))
     ens.save(out / "predictor.safetensors")
@@ -146,18 +151,18 @@ def main() -> None:
           f"over {len(names)} layers")
     print("\ntimings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}))
     print(f"total predictor + scores + construction: {sum(timings.values()):.1f} s (target ≤ 120 s)")
-    print("constructed (block level):", constructed)
+    print("constructed (op level, as the nodes do):", constructed)
     for level, sc in scores.items():
         ins = insights(sc)
-        print(f"\n== {level}-level insights ({len(sc)} variants; sampled units: {ins['sampled_units'] or 'none'})")
-        for key in ("op_type", "block_category", "block_index"):
+        print(f"\n== {level}-level insights ({len(sc)} variants; sampled units: {ins.sampled_units or 'none'})")
+        for key, groups in ins.stats().items():
             print(f"  by {key}:")
-            for name, s in sorted(ins[key].items(), key=lambda kv: -kv[1]["median"]):
+            for name, s in sorted(groups.items(), key=lambda kv: -kv[1]["median"]):
                 print(f"    {str(name):16s} n={s['n']:5d} median={s['median']:+.3f} "
                       f"q1={s['q1']:+.3f} q3={s['q3']:+.3f} min={s['min']:+.3f} max={s['max']:+.3f}")
-        print("  best variant per unit:")
-        for unit, b in ins["best"].items():
-            print(f"    {unit:40s} {'/'.join(b['variant'])}  score={b['score']:+.3f} bits={b['bits']:.2f}")
+        print("  best variant per unit (spread = best − worst):")
+        for unit, u in ins.units.items():
+            print(f"    {unit:40s} {'/'.join(u.best_variant)}  score={u.best_score:+.3f} spread={u.spread:.3f}")
 
 
 if __name__ == "__main__":

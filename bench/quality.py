@@ -50,7 +50,7 @@ def main() -> None:
     t0 = time.perf_counter()
     a = report_jobs.analyse(handle, targets=(3.5, 4.0), seed=args.seed)
     t_analyse = time.perf_counter() - t0
-    r = a.report
+    r = a.report.to_json()
     b = r["baselines"]
     m = {(c["rule"], c["target_bits"]): c for c in r["constructed"]}
     k35, k40 = m[("knapsack", 3.5)], m[("knapsack", 4.0)]

@@ -81,15 +81,13 @@ def search_main(args: argparse.Namespace) -> dict:
         boot(args.comfy_dir, cpu=args.cpu, base_directory=args.base_directory)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    import folder_paths
-
     from . import comfy_bridge as bridge
     from . import search_jobs as jobs
 
     bridge.register_folders()
     path = Path(args.model)
     if not path.exists():
-        path = Path(folder_paths.get_full_path_or_raise("diffusion_models", args.model))
+        path = bridge.model_file("diffusion_models", args.model)
     if args.prompt is not None and not args.checkpoint:
         raise SystemExit("--prompt needs --checkpoint (a model file with its text encoder); or use --conditioning")
     model, clip = bridge.load_model_file(path, with_clip=args.checkpoint)

@@ -774,3 +774,24 @@ def load_model_file(path: Path, *, with_clip: bool = False):
 def encode_prompt(clip, text: str) -> list:
     """CONDITIONING for ``text``, as CLIP Text Encode makes it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+# ------------------------------------------------------------------------------- for the search nodes
+def quant_device() -> torch.device:
+    """Where option tables are built: ComfyUI's CUDA device, else the CPU."""
+    return _quant_device()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ComfyUI's own interrupt exception while the user's Cancel is pending."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def output_dir() -> Path:
+    """ComfyUI's output folder."""
+    return Path(folder_paths.get_output_directory())
+
+
+def model_file(folder: str, name: str) -> Path:
+    """The path of ``name`` in one of ComfyUI's model folders (e.g. ``"diffusion_models"``); a clear error if absent."""
+    return Path(folder_paths.get_full_path_or_raise(folder, name))

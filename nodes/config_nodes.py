@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..quant import OPTIONS, QuantConfig
 from ..quant.config import rule_matches
+from ..quant.options import FP_OPTION
 from ..search.graph import layer_tags
 from . import comfy_bridge as bridge
 from .sockets import CATEGORY, CONFIG_OUT, OPTION_TOOLTIP, Config
@@ -67,7 +68,7 @@ class RulesConfig(io.ComfyNode):
                 io.String.Input("rules", default=DEFAULT_RULES, multiline=True,
                                 tooltip="'pattern = option' per line: @category / @op-type or a layer-name glob; "
                                         "options: uaq-3/4, kmeans_c-3/4, kmeans_a-3/4, fp16"),
-                io.Combo.Input("default", options=[*OPTIONS, "fp16"], default="uaq-4",
+                io.Combo.Input("default", options=[*OPTIONS, FP_OPTION], default="uaq-4",
                                tooltip="the option of layers no rule matches. " + OPTION_TOOLTIP),
                 io.Boolean.Input("strict", default=False,
                                  tooltip="fail when a rule matches no layer (off: such rules are skipped)"),

@@ -192,7 +192,7 @@ def search_copy_and_table(model, options, cache_dir, *, progress=None):
     """The search's copy of ``model`` (:func:`.comfy_bridge.search_copy`) and the option table built from its
     denoiser (fp8 layers dequantized once, in the copy)."""
     base = bridge.search_copy(model)
-    table = option_table(base.diffusion_model, options, cache_dir=cache_dir, device=bridge._quant_device(),
+    table = option_table(base.diffusion_model, options, cache_dir=cache_dir, device=bridge.quant_device(),
                          progress=progress)
     return base, table
 

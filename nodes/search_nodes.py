@@ -159,7 +159,7 @@ class Search(io.ComfyNode):
                 if ex is not None:
                     ex.close()
             if job.status == "cancelled":
-                bridge.comfy.model_management.throw_exception_if_processing_interrupted()
+                bridge.raise_if_interrupted()
         else:
             def on_progress(p) -> None:
                 bridge.progress_bar(node_id, configs).update_absolute(p.done, configs)
@@ -262,10 +262,6 @@ class SensitivityReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, search, targets: str, seed: int, filename_prefix: str) -> io.NodeOutput:
-        from pathlib import Path
-
-        import folder_paths
-
         from ..quant.atomic import atomic_write_text, atomic_write_with
         from ..search.report import report_dumps, report_text
         from . import report_jobs
@@ -275,7 +271,7 @@ class SensitivityReport(io.ComfyNode):
         except ValueError:
             raise ValueError(f"targets {targets!r}: write average bits separated by commas, e.g. '3.5, 4.0'") from None
         analysis = report_jobs.analyse(search, targets=bits, seed=seed, progress=bridge.Progress(cls.hidden.unique_id))
-        out_dir = Path(folder_paths.get_output_directory())
+        out_dir = bridge.output_dir()
         path = bridge.new_output_path(filename_prefix, out_dir, "report.json")
         stem = path.name.removesuffix("report.json")
         figures = {}
@@ -283,7 +279,7 @@ class SensitivityReport(io.ComfyNode):
             fig = path.with_name(f"{stem}{name}.png")
             atomic_write_with(fig, lambda tmp, png=png: tmp.write_bytes(png))
             figures[name] = fig.name
-        atomic_write_text(path, report_dumps({**analysis.report, "figures": figures}))
+        atomic_write_text(path, report_dumps({**analysis.report.to_json(), "figures": figures}))
         text = report_text(analysis.report) + f"\nreport: {path.relative_to(out_dir.resolve()).as_posix()}"
         return io.NodeOutput(_images(list(analysis.figures.values())), text, ui=ui.PreviewText(text))
 

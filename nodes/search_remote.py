@@ -32,7 +32,7 @@ from .comfy_boot import boot
 CANONICAL = "qua2sedimo"  # the name the pack is imported under on Ray workers
 
 
-def _dumps_on_cpu(obj) -> bytes:
+def dumps_on_cpu(obj) -> bytes:
     """cloudpickle ``obj`` with every tensor on the CPU (a worker may have another device, or none); ComfyUI's
     BaseModel and model-config objects travel as their class and attributes (:func:`.comfy_bridge.shipping_state`)."""
     from ray import cloudpickle
@@ -77,7 +77,7 @@ class RemoteEvaluate:
                  cpu: bool, cache_dir: str):
         from .comfy_bridge import ship_model
 
-        self.blob = _dumps_on_cpu((ship_model(model), positive, negative, reference))
+        self.blob = dumps_on_cpu((ship_model(model), positive, negative, reference))
         self.spec, self.fingerprint = spec, fingerprint
         self.comfy_dir, self.cpu, self.cache_dir = comfy_dir, cpu, cache_dir
 

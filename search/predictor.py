@@ -53,6 +53,7 @@ validation) uses the same folds. Files are safetensors + JSON, never pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -78,8 +79,8 @@ from .graph import LayerGraph
 from .journal import Record
 
 __all__ = [
-    "BaselineEnsemble", "FeatureBuilder", "PredictorEnsemble", "compare", "lambdarank_loss",
-    "soft_spearman_loss", "torch_threads", "train_baseline", "train_predictor",
+    "BaselineEnsemble", "FeatureBuilder", "PredictorConfig", "PredictorEnsemble", "lambdarank_loss",
+    "soft_spearman_loss", "torch_threads", "train_baseline", "train_predictor", "training_loss", "with_self_loops",
 ]
 
 PREDICTOR_FORMAT = "qua2sedimo.predictor"
@@ -294,7 +295,7 @@ class FeatureBuilder:
 
 
 # ----------------------------------------------------------------------------------------------------- GNN
-def _with_self_loops(edges: Sequence[tuple[int, int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def with_self_loops(edges: Sequence[tuple[int, int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     src = [s for s, d in edges if s != d] + list(range(n))
     dst = [d for s, d in edges if s != d] + list(range(n))
     return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
@@ -565,7 +566,7 @@ class PredictorEnsemble:
     threads: int | None = 1  # torch threads while predicting (:func:`torch_threads`); not saved
 
     def __post_init__(self) -> None:
-        self.src, self.dst = _with_self_loops(self.graph.edges, len(self.graph.nodes))
+        self.src, self.dst = with_self_loops(self.graph.edges, len(self.graph.nodes))
 
     @property
     def hops(self) -> int:
@@ -621,7 +622,7 @@ class PredictorEnsemble:
         node_idx = sorted(self.graph.index(n) for n in nodes)
         pos = {n: i for i, n in enumerate(node_idx)}
         edges = [(pos[s], pos[d]) for s, d in self.graph.edges if s in pos and d in pos]
-        src, dst = _with_self_loops(edges, len(node_idx))
+        src, dst = with_self_loops(edges, len(node_idx))
         lidx = [self.features.layer_index(n) for n in layers]
         out_pos = pos[self.graph.index(output)]
         res = np.zeros((len(self.folds), len(idx)))
@@ -707,8 +708,10 @@ def _rank_term(kind: str | None, s: torch.Tensor, z: torch.Tensor, t: TargetTran
     return soft_spearman_loss(s, z) + lambdarank_loss(s, t.relevance(z))
 
 
-def _loss(model: GNN, x: torch.Tensor, z: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, t: TargetTransform,
-          ranking: str | None, mse_weight: float, rank_weight: float, hops: Sequence[int]) -> torch.Tensor:
+def training_loss(model: GNN, x: torch.Tensor, z: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  t: TargetTransform, ranking: str | None, mse_weight: float, rank_weight: float,
+                  hops: Sequence[int]) -> torch.Tensor:
+    """``mse_weight · MSE + rank_weight · ranking term`` over the hop norms ``hops`` (the module docstring's L)."""
     hg = model.pool(model.node_embeddings(x, src, dst))
     loss = mse_weight * F.mse_loss(model.predict(hg), z) if mse_weight else hg.sum() * 0.0
     if ranking is not None and rank_weight:
@@ -718,44 +721,44 @@ def _loss(model: GNN, x: torch.Tensor, z: torch.Tensor, src: torch.Tensor, dst: 
 
 
 def _train_fold(features: FeatureBuilder, pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                idx: torch.Tensor, v: np.ndarray, split: Split, *, seed: int, hyper: dict,
+                idx: torch.Tensor, v: np.ndarray, split: Split, *, config: PredictorConfig,
                 log: Callable[[str], None] | None, fold: int) -> tuple[FoldModel, dict, np.ndarray]:
     t = TargetTransform.fit(v[split.train])
     z_all = torch.from_numpy(t(v)).float()
     x_tr, z_tr = features.build(idx[split.train]), z_all[split.train]
     x_val, z_val = features.build(idx[split.val]), z_all[split.val]
-    hops = list(range(hyper["layers"] + 1))
-    ranking, mse_w, rank_w = hyper["ranking"], hyper["mse_weight"], hyper["rank_weight"]
+    hops = list(range(config.layers + 1))
+    ranking, mse_w, rank_w, seed = config.ranking, config.mse_weight, config.rank_weight, config.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1009 + fold)
-        model = GNN(features.n_features, pool, hyper["hidden"], hyper["layers"], hyper["readout"])
-    opt = torch.optim.AdamW(model.parameters(), lr=hyper["lr"], weight_decay=hyper["weight_decay"], foreach=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hyper["epochs"])
+        model = GNN(features.n_features, pool, config.hidden, config.layers, config.readout)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
     gen = torch.Generator().manual_seed(seed * 7919 + fold)
     n = len(split.train)
-    n_batches = max(1, math.ceil(n / hyper["batch_size"]))
+    n_batches = max(1, math.ceil(n / config.batch_size))
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
     epoch = 0
-    for epoch in range(1, hyper["epochs"] + 1):
+    for epoch in range(1, config.epochs + 1):
         model.train()
         perm = torch.randperm(n, generator=gen)
         for b in torch.tensor_split(perm, n_batches):
-            loss = _loss(model, x_tr[b], z_tr[b], src, dst, t, ranking, mse_w, rank_w, hops)
+            loss = training_loss(model, x_tr[b], z_tr[b], src, dst, t, ranking, mse_w, rank_w, hops)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # the only backward: MSE and ranking gradients together
-            nn.utils.clip_grad_norm_(model.parameters(), hyper["clip"])
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             opt.step()
         sched.step()
         if len(split.val) >= 2:
             model.eval()
             with torch.no_grad():
-                val = float(_loss(model, x_val, z_val, src, dst, t, ranking, mse_w, rank_w, hops))
+                val = float(training_loss(model, x_val, z_val, src, dst, t, ranking, mse_w, rank_w, hops))
             if val < best - 1e-6:
                 best, best_epoch, bad = val, epoch, 0
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
-                if epoch >= hyper["min_epochs"] and bad >= hyper["patience"]:
+                if epoch >= config.min_epochs and bad >= config.patience:
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -784,48 +787,68 @@ def _train_fold(features: FeatureBuilder, pool: torch.Tensor, src: torch.Tensor,
     return FoldModel(model, t, mu, sigma, rho), metrics, y_pred
 
 
-def train_predictor(graph: LayerGraph, features: FeatureBuilder, records: Sequence[Record], *, folds: int = 5,
-                    seed: int = 0, epochs: int = 300, ranking: str | None = "spearman", hidden: int = 64,
-                    layers: int = 4, readout: str = "concat", batch_size: int = 32, lr: float = 2e-3,
-                    weight_decay: float = 1e-4, patience: int = 20, min_epochs: int = 20, val_fraction: float = 0.15,
-                    mse_weight: float = 1.0, rank_weight: float = 1.0, clip: float = 5.0, device: str = "cpu",
-                    threads: int | None = 1, log: Callable[[str], None] | None = None) -> PredictorEnsemble:
-    """Train the ``folds`` GNNs on ``records`` (their ``primary`` objective, lower is better) — see the module
-    docstring for features, target, loss and protocol. Deterministic for a given ``seed``.
+@dataclass(frozen=True)
+class PredictorConfig:
+    """How the GNN ensemble is trained (see the module docstring); ``folds``, ``seed`` and ``val_fraction`` also
+    cut the ridge baseline's folds, so both models see the same splits."""
 
-    ``threads``: torch intra-op threads while training and, later, predicting (see :func:`torch_threads`)."""
-    if ranking is not None and ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {RANKINGS} or None, got {ranking!r}")
+    folds: int = 5
+    seed: int = 0
+    epochs: int = 300
+    ranking: str | None = "spearman"  # one of RANKINGS, or None for MSE only
+    hidden: int = 64
+    layers: int = 4  # GATv2 layers = hops
+    readout: str = "concat"  # "concat" (all hop embeddings) or "last" (the paper's)
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 20  # early stopping: epochs without a better validation loss
+    min_epochs: int = 20
+    val_fraction: float = 0.15
+    mse_weight: float = 1.0
+    rank_weight: float = 1.0
+    clip: float = 5.0  # gradient-norm clipping
+    threads: int | None = 1  # torch intra-op threads while training and predicting (:func:`torch_threads`)
+
+    def __post_init__(self) -> None:
+        if self.ranking is not None and self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS} or None, got {self.ranking!r}")
+
+    def hyper(self) -> dict:
+        """The settings a predictor file records (all but ``threads``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"}
+
+
+def train_predictor(graph: LayerGraph, features: FeatureBuilder, records: Sequence[Record],
+                    config: PredictorConfig = PredictorConfig(), *,
+                    log: Callable[[str], None] | None = None) -> PredictorEnsemble:
+    """Train the ``config.folds`` GNNs on ``records`` (their ``primary`` objective, lower is better) — see the
+    module docstring for features, target, loss and protocol. Deterministic for a given ``config.seed``."""
     if features.graph is not graph and features.graph.fingerprint != graph.fingerprint:
         raise ValueError("the features were built for another graph")
-    if device != "cpu":
-        raise ValueError("the predictor trains on the CPU (graphs of ≤ ~1000 nodes train in seconds)")
     configs, v = _clean_records(records)
     idx = features.encode(configs)
-    hyper = dict(hidden=hidden, layers=layers, readout=readout, epochs=epochs, ranking=ranking,
-                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, min_epochs=min_epochs,
-                 val_fraction=val_fraction, mse_weight=mse_weight, rank_weight=rank_weight, clip=clip, seed=seed,
-                 folds=folds, n_records=len(configs))
-    pool, has_units = hop_pool_matrix(graph, layers)
-    src, dst = _with_self_loops(graph.edges, len(graph.nodes))
-    splits = make_folds(len(configs), folds, seed, val_fraction)
+    hyper = {**config.hyper(), "n_records": len(configs)}
+    pool, has_units = hop_pool_matrix(graph, config.layers)
+    src, dst = with_self_loops(graph.edges, len(graph.nodes))
+    splits = make_folds(len(configs), config.folds, config.seed, config.val_fraction)
     hyper["folds_used"] = len(splits)
-    if log and len(splits) < folds:
-        log(f"{len(configs)} configs: {len(splits)} folds instead of {folds} (≥ {MIN_TEST_FOLD} held out per fold)")
+    if log and len(splits) < config.folds:
+        log(f"{len(configs)} configs: {len(splits)} folds instead of {config.folds} (≥ {MIN_TEST_FOLD} held out per "
+            "fold)")
     fold_models, per_fold = [], []
     oof = np.zeros(len(configs))
     t0 = time.perf_counter()
-    with torch_threads(threads):
+    with torch_threads(config.threads):
         for k, split in enumerate(splits):
-            fm, m, y_pred = _train_fold(features, pool, src, dst, idx, v, split, seed=seed, hyper=hyper, log=log,
-                                        fold=k)
+            fm, m, y_pred = _train_fold(features, pool, src, dst, idx, v, split, config=config, log=log, fold=k)
             fold_models.append(fm)
             per_fold.append(m)
             oof[split.test] = y_pred
     y_all = -np.log(np.maximum(v, 1e-300)) if fold_models[0].transform.log else -v
     metrics = _summarize(per_fold, oof, y_all)
     metrics["seconds"] = time.perf_counter() - t0
-    return PredictorEnsemble(graph, features, fold_models, hyper, metrics, has_units, threads)
+    return PredictorEnsemble(graph, features, fold_models, hyper, metrics, has_units, config.threads)
 
 
 # ------------------------------------------------------------------------------------------ ridge baseline
@@ -886,15 +909,15 @@ class BaselineEnsemble:
                    [TargetTransform(**t) for t in data["transforms"]], dict(data.get("metrics") or {}))
 
 
-def train_baseline(features: FeatureBuilder, records: Sequence[Record], *, folds: int = 5, seed: int = 0,
-                   val_fraction: float = 0.15, alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0)
-                   ) -> BaselineEnsemble:
-    """The additive baseline on the same folds as :func:`train_predictor` (same ``seed``, ``folds``,
-    ``val_fraction``): α by validation MSE, then refit on training + validation; metrics on the test fold."""
+def train_baseline(features: FeatureBuilder, records: Sequence[Record], config: PredictorConfig = PredictorConfig(),
+                   *, alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> BaselineEnsemble:
+    """The additive baseline on the same folds as :func:`train_predictor` with the same ``config`` (its ``folds``,
+    ``seed``, ``val_fraction``): α by validation MSE, then refit on training + validation; metrics on the test
+    fold."""
     configs, v = _clean_records(records)
     idx = features.encode(configs)
     x = _one_hot(idx, len(features.options))
-    splits = make_folds(len(configs), folds, seed, val_fraction)
+    splits = make_folds(len(configs), config.folds, config.seed, config.val_fraction)
     coefs, icpts, chosen, transforms, per_fold = [], [], [], [], []
     oof = np.zeros(len(configs))
     for split in splits:
@@ -919,44 +942,3 @@ def train_baseline(features: FeatureBuilder, records: Sequence[Record], *, folds
                          "n_train": len(fit), "n_test": len(split.test)})
     y_all = -np.log(np.maximum(v, 1e-300)) if transforms[0].log else -v
     return BaselineEnsemble(features, coefs, icpts, chosen, transforms, _summarize(per_fold, oof, y_all))
-
-
-# ----------------------------------------------------------------------------------------------- compare
-def compare(*models: PredictorEnsemble | BaselineEnsemble, names: Sequence[str] | None = None) -> dict:
-    """Held-out Spearman / Kendall τ of the models side by side: ``{"rows": [...], "text": str}``. Rows are
-    ``final`` (mean ± std over folds), ``pooled`` (all out-of-fold predictions at once) and each hop ``‖h_G^m‖₁``."""
-    if names is None:
-        names = ["gnn" if isinstance(m, PredictorEnsemble) else "ridge" for m in models]
-    n_hops = max((len(m.metrics.get("hops", [])) for m in models), default=0)
-    rows = []
-
-    def cell(d: dict | None, key: str) -> dict | None:
-        return None if d is None else d.get(key)
-
-    labels = ["final", "pooled"] + [f"hop {m}" for m in range(n_hops)]
-    for label in labels:
-        row: dict[str, Any] = {"metric": label}
-        for name, m in zip(names, models, strict=True):
-            met = m.metrics
-            if label == "final":
-                src = met["final"]
-            elif label == "pooled":
-                src = {k: {"mean": met["pooled"][k], "std": float("nan")} for k in ("spearman", "kendall")}
-            else:
-                hop = int(label.split()[1])
-                src = met["hops"][hop] if hop < len(met.get("hops", [])) else None
-            row[name] = None if src is None else {k: cell(src, k) for k in ("spearman", "kendall")}
-        rows.append(row)
-
-    def fmt(c: dict | None) -> str:
-        if c is None:
-            return f"{'—':>25s}"
-        s, k = c["spearman"], c["kendall"]
-        pm = "" if math.isnan(s["std"]) else f"±{s['std']:.2f}"
-        return f"{s['mean']:+.3f}{pm:6s} / {k['mean']:+.3f}{'':5s}"
-
-    head = f"{'held-out':10s}" + "".join(f" | {n + ' ρ / τ':>25s}" for n in names)
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        lines.append(f"{row['metric']:10s}" + "".join(f" | {fmt(row[n])}" for n in names))
-    return {"rows": rows, "text": "\n".join(lines)}

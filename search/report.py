@@ -7,9 +7,11 @@ Figures are returned as PNG bytes (:func:`png_to_array` turns one into a ComfyUI
 * :func:`insight_figures` — box plots of unit scores per op type, block category and block index (paper §4.3);
 * :func:`chosen_options_png` — per op type, the fraction of layers given each option, one row per config.
 
-:func:`report_json` gathers the insights (most/least sensitive units, per-category statistics, which op types
-tolerate 3 bits, predictor quality, constructions predicted vs measured, recommendations) as plain JSON data;
-:func:`report_text` renders it and :func:`report_dumps` serializes it as strict JSON (no NaN).
+:func:`build_report` gathers, in one typed :class:`Report`, the insights (most/least sensitive units, per-category
+statistics, which op types tolerate 3 bits), the predictor's held-out quality (``search.quality``), constructions
+predicted vs measured, the uniform and best-random baselines and recommendations; :meth:`Report.to_json` (and
+:func:`report_json`) gives strict-JSON data, :func:`report_text` renders it and :func:`report_dumps` serializes it
+(no NaN).
 
 Scores follow the paper's convention: higher = better predicted quality (§4.2). A unit is *sensitive* when the
 choice among its variants matters, i.e. its scores spread widely (the README's reading of the box plots).
@@ -18,24 +20,34 @@ choice among its variants matters, i.e. its scores spread widely (the README's r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from ..quant.options import FP_OPTION, OPTIONS, parse_option
+from .construct import PREDICTED_KEY
+from .insights import UnitSummary, field_of, insights
 from .journal import Record
+from .quality import PredictorQuality
 from .runner import pareto_front
 from .sampling import config_key
 
 __all__ = [
-    "INSIGHT_KEYS",
     "REPORT_FORMAT",
-    "aggregate_insights",
+    "Baselines",
+    "Measured",
+    "MeasuredConstruction",
+    "PredictorSummary",
+    "Report",
+    "build_report",
     "chosen_options_png",
     "insight_figures",
     "is_constructed",
@@ -49,8 +61,6 @@ __all__ = [
 
 REPORT_FORMAT = "qua2sedimo.report"
 REPORT_VERSION = 1
-INSIGHT_KEYS = ("op_type", "block_category", "block_index")
-PREDICTED_KEY = "predicted_score"  # = construct.PREDICTED_KEY (not imported: construct imports quant.config/torch)
 _INPUT_SIDE = ("t-embed", "c-embed", "patchify", "conv-in")  # global units drawn before block 0
 
 
@@ -79,12 +89,6 @@ def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def is_constructed(record: Record) -> bool:
@@ -129,10 +133,10 @@ def pareto_png(
                      if is_constructed(r) and math.isfinite(r.values.get(PREDICTED_KEY, math.nan))]
         done = {r.config_key for r in records}
         for c in constructions:
-            opts = _get(c, "options")
+            opts = field_of(c, "options")
             if opts and config_key(opts) in done:
                 continue
-            bits, pred = _get(c, "avg_bits"), _get(c, "predicted")
+            bits, pred = field_of(c, "avg_bits"), field_of(c, "predicted")
             if bits is not None and pred is not None and math.isfinite(pred):
                 predicted.append((float(bits), float(pred)))
         if predicted:
@@ -174,33 +178,6 @@ def status_text(records: Sequence[Record], *, objective: str, target: int | None
 
 
 # ------------------------------------------------------------------------------------------------ insights
-def aggregate_insights(unit_scores: Iterable[Any]) -> dict[str, dict]:
-    """The insights dict of :func:`insight_figures` from unit scores (objects or mappings with ``unit``, ``level``,
-    ``op_type``, ``block_category``, ``block_index``, ``score``), as the paper's plots do (§4.3):
-
-    * ``"op_type"``: ``{op type: [scores]}`` — every variant of every **op-level** unit of that op type (the
-      block-level units' own ``op_type`` when no op-level scores are given);
-    * ``"block_category"``: ``{category: [scores]}`` — every variant of every **block-level** unit of the category
-      (op-level when no block-level scores are given);
-    * ``"block_index"``: ``{index: [scores]}`` — the same scores by block index (``int``, ``>= 0``); units outside
-      the repeated blocks (``block_index < 0``) are keyed by their block category (``str``, e.g. ``"t-embed"``).
-
-    Non-finite scores are dropped. Keys keep first-seen order; :func:`insight_figures` sorts block indices.
-    """
-    items = [s for s in unit_scores if math.isfinite(float(_get(s, "score")))]
-    levels = {_get(s, "level") for s in items}
-    op_src = [s for s in items if _get(s, "level") == "op"] if "op" in levels else items
-    blk_src = [s for s in items if _get(s, "level") == "block"] if "block" in levels else items
-    out: dict[str, dict] = {k: {} for k in INSIGHT_KEYS}
-    for s in op_src:
-        out["op_type"].setdefault(str(_get(s, "op_type")), []).append(float(_get(s, "score")))
-    for s in blk_src:
-        score, cat, idx = float(_get(s, "score")), str(_get(s, "block_category")), int(_get(s, "block_index"))
-        out["block_category"].setdefault(cat, []).append(score)
-        out["block_index"].setdefault(idx if idx >= 0 else cat, []).append(score)
-    return out
-
-
 def _index_order(key: Any) -> tuple:
     if isinstance(key, str) and key.lstrip("-").isdigit():
         key = int(key)
@@ -236,7 +213,7 @@ def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, so
 def insight_figures(insights: Mapping[str, Mapping[Any, Sequence[float]]]) -> dict[str, bytes]:
     """Box plots of unit scores (paper §4.3): ``{"op_type": png, "block_category": png, "block_index": png}``.
 
-    ``insights`` is the dict described in :func:`aggregate_insights` (missing or empty groups give a figure that
+    ``insights`` is the dict of ``search.insights.aggregate_insights`` (missing or empty groups give a figure that
     says so). Block indices are drawn in order, global units before (t-embed, c-embed, patchify, conv-in) or after
     (out-proj, conv-out, …) them; keys may be ints or their decimal strings (as after a JSON round trip).
     """
@@ -327,66 +304,14 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _stats(values: Sequence[float]) -> dict:
-    a = np.array([float(v) for v in values if math.isfinite(float(v))])
-    if not len(a):
-        return {"n": 0}
-    q = np.percentile(a, [0, 10, 25, 50, 75, 90, 100])
-    return {"n": int(len(a)), "min": q[0], "p10": q[1], "q1": q[2], "median": q[3], "q3": q[4], "p90": q[5],
-            "max": q[6], "spread": q[5] - q[1]}
-
-
-def _ranks(a: np.ndarray) -> np.ndarray:
-    order = np.argsort(a, kind="stable")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(len(a))
-    for v in np.unique(a):  # average ties
-        m = a == v
-        ranks[m] = ranks[m].mean()
-    return ranks
-
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    if len(x) < 3:
-        return None
-    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _unit_table(unit_scores: Iterable[Any]) -> list[dict]:
-    units: dict[str, dict] = {}
-    for s in unit_scores:
-        score = float(_get(s, "score"))
-        if not math.isfinite(score):
-            continue
-        name = str(_get(s, "unit"))
-        u = units.setdefault(name, {
-            "unit": name, "level": _get(s, "level"), "op_type": _get(s, "op_type"),
-            "block_category": _get(s, "block_category"), "block_index": _get(s, "block_index"),
-            "members": list(_get(s, "members") or ()), "variants": [], "scores": []})
-        u["variants"].append(list(_get(s, "variant") or ()))
-        u["scores"].append(score)
-    out = []
-    for u in units.values():
-        sc = np.array(u.pop("scores"))
-        variants = u.pop("variants")
-        b, w = int(np.argmax(sc)), int(np.argmin(sc))
-        out.append(dict(u, n_variants=len(sc), spread=float(sc[b] - sc[w]), median=float(np.median(sc)),
-                        best_variant=variants[b], best_score=float(sc[b]), worst_variant=variants[w],
-                        worst_score=float(sc[w])))
-    return out
-
-
-def _bits_by_op_type(units: list[dict], op_types: Mapping[str, str] | None) -> dict[str, dict]:
+def _bits_by_op_type(units: Sequence[UnitSummary], op_types: Mapping[str, str] | None) -> dict[str, dict]:
     """Per op type, from each unit's best variant: layers at 3 bits, preferred method (paper-rule choices)."""
-    levels = {u["level"] for u in units}
-    use = [u for u in units if u["level"] == "op"] if "op" in levels else units
+    levels = {u.level for u in units}
+    use = [u for u in units if u.level == "op"] if "op" in levels else units
     per: dict[str, Counter] = defaultdict(Counter)
     for u in use:
-        for layer, opt in zip(u["members"], u["best_variant"], strict=False):
-            t = (op_types or {}).get(layer) or (u["op_type"] if len(u["members"]) == 1 or not op_types else "other")
+        for layer, opt in zip(u.members, u.best_variant, strict=False):
+            t = (op_types or {}).get(layer) or (u.op_type if len(u.members) == 1 or not op_types else "other")
             per[str(t)][opt] += 1
     out = {}
     for t, cnt in per.items():
@@ -406,45 +331,152 @@ def _record_summary(r: Record) -> dict:
     return {"id": r.id, "source": r.source, "avg_bits": r.avg_bits, "nbytes": r.nbytes, "primary": r.primary}
 
 
-def report_json(
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman ρ, None where it is undefined (fewer than 3 pairs, or a constant side)."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+@dataclass(frozen=True)
+class PredictorSummary:
+    """Pooled held-out rank correlations of the GNN and of the ridge baseline (None: undefined)."""
+
+    spearman: float | None
+    kendall: float | None
+    baseline_spearman: float | None
+    baseline_kendall: float | None
+
+    @classmethod
+    def of(cls, quality: PredictorQuality) -> PredictorSummary:
+        return cls(quality.pooled("gnn"), quality.pooled("gnn", "kendall"), quality.pooled("ridge"),
+                   quality.pooled("ridge", "kendall"))
+
+
+@dataclass(frozen=True)
+class MeasuredConstruction:
+    """A construction and its measured objective (None: not measured)."""
+
+    rule: str
+    target_bits: float | None
+    avg_bits: float
+    objective: float | None
+    predicted_score: float | None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A measured config in brief."""
+
+    objective: float
+    avg_bits: float
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Uniform UAQ-4 / UAQ-3 and the best random config at or below each target b̄ (None: none measured)."""
+
+    uniform_uaq4: Measured | None
+    uniform_uaq3: Measured | None
+    best_random_at_or_below_target: dict[str, Measured | None]
+
+
+def _baselines(records: Sequence[Record], targets: Sequence[float]) -> Baselines:
+    # any record whose layers all share one option (a knapsack at b̄ 4.0 may have built uniform UAQ-4 first)
+    uniform: dict[str, Measured] = {}
+    for r in sorted(records, key=lambda r: r.source != "uniform"):
+        options = set(r.options.values())
+        if len(options) == 1 and math.isfinite(r.primary):
+            uniform.setdefault(options.pop(), Measured(r.primary, r.avg_bits))
+    random = [r for r in records if r.source == "random" and math.isfinite(r.primary)]
+    best: dict[str, Measured | None] = {}
+    for t in targets:
+        below = [r for r in random if r.avg_bits <= t]
+        r = min(below, key=lambda r: r.primary) if below else None
+        best[f"{t:g}"] = Measured(r.primary, r.avg_bits) if r is not None else None
+    return Baselines(uniform.get("uaq-4"), uniform.get("uaq-3"), best)
+
+
+def _measured(records: Sequence[Record], constructions: Sequence[Any]) -> list[MeasuredConstruction]:
+    by_key = {r.config_key: r for r in records}
+    out = []
+    for c in constructions:
+        opts = field_of(c, "options")
+        r = by_key.get(config_key(opts)) if opts else None
+        out.append(MeasuredConstruction(field_of(c, "rule"), field_of(c, "target_bits"), field_of(c, "avg_bits"),
+                                        r.primary if r is not None else None, field_of(c, "predicted")))
+    return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """The report of a search, built once by :func:`build_report`; :meth:`to_json` gives strict-JSON data."""
+
+    objective: str
+    units: dict[str, int]  # unit summaries per level
+    sensitive_units: dict[str, dict[str, list[UnitSummary]]]  # level → "most" / "least" → widest / narrowest spread
+    categories: dict[str, dict[str, dict]]  # insight key → group → :func:`group_stats`
+    bits_by_op_type: dict[str, dict]
+    predictor_quality: dict[str, dict[str, float | None]]  # row → column → value
+    constructions: list[dict]  # predicted vs measured, journal-only constructions included
+    predicted_vs_measured: dict
+    evaluated: int  # configs of the random search
+    evaluated_summary: dict  # every evaluated record: count by source, best, Pareto front
+    recommendations: list[str]
+    predictor: PredictorSummary | None
+    constructed: list[MeasuredConstruction]
+    baselines: Baselines
+    sampled_block_units: list[str]  # block units scored from a seeded sample of their variants
+
+    def to_json(self) -> dict:
+        return _plain({"format": REPORT_FORMAT, "version": REPORT_VERSION, **dataclasses.asdict(self)})
+
+
+def build_report(
     *,
     unit_scores: Iterable[Any] = (),
-    insights: Mapping[str, Mapping[Any, Sequence[float]]] | None = None,
     records: Sequence[Record] = (),
     constructions: Sequence[Any] = (),
-    predictor_quality: Mapping[str, Mapping[str, float | None]] | None = None,
+    predictor_quality: PredictorQuality | Mapping[str, Mapping[str, float | None]] | None = None,
     op_types: Mapping[str, str] | None = None,
     objective: str = "objective",
+    targets: Sequence[float] = (),
+    evaluated: int | None = None,
     top: int = 10,
     tolerate_3bit: float = 0.75,
-) -> dict:
-    """The report as plain, strict-JSON data (``json.dumps(..., allow_nan=False)`` works; NaN → ``None``).
+) -> Report:
+    """The :class:`Report` of a search.
 
-    ``unit_scores``: unit score objects/mappings (see :func:`aggregate_insights`); ``insights``: that function's dict
-    (computed from ``unit_scores`` when not given); ``records``: journal records; ``constructions``:
-    ``construct.Construction`` objects (or mappings with ``label``, ``rule``, ``avg_bits``, ``predicted``, ``options``
-    …); ``predictor_quality``: rows → metric → value, e.g. ``{"hop 0": {"srcc": 0.8, "ndcg": 0.9}, "mean": {…}}``;
-    ``op_types``: layer → op type (for block-level units). Op types whose best variants are 3-bit for at least
-    ``tolerate_3bit`` of their layers are reported as tolerating 3 bits; at most ``1 − tolerate_3bit`` as 4-bit.
+    ``unit_scores``: unit score objects/mappings (see ``search.insights``); ``records``: journal records;
+    ``constructions``: ``construct.Construction`` objects (or mappings with ``label``, ``rule``, ``avg_bits``,
+    ``predicted``, ``options`` …); ``predictor_quality``: :func:`search.quality.compare`'s table, or rows → metric →
+    value, e.g. ``{"hop 0": {"srcc": 0.8}}``; ``op_types``: layer → op type (for block-level units); ``targets``:
+    the b̄ of the best-random baselines; ``evaluated``: configs of the random search (default: the records with a
+    sampler index). Op types whose best variants are 3-bit for at least ``tolerate_3bit`` of their layers are
+    reported as tolerating 3 bits; at most ``1 − tolerate_3bit`` as 4-bit.
     """
     unit_scores = list(unit_scores)
-    units = _unit_table(unit_scores)
-    if insights is None:
-        insights = aggregate_insights(unit_scores)
-    by_level: dict[str, list[dict]] = defaultdict(list)
+    ins = insights(unit_scores)
+    units = list(ins.units.values())
+    by_level: dict[str, list[UnitSummary]] = defaultdict(list)
     for u in units:
-        by_level[str(u["level"])].append(u)
-    sensitive = {lvl: {"most": sorted(us, key=lambda u: -u["spread"])[:top],
-                       "least": sorted(us, key=lambda u: u["spread"])[:top]} for lvl, us in by_level.items()}
-    categories = {key: {str(k): _stats(v) for k, v in (insights.get(key) or {}).items()} for key in INSIGHT_KEYS}
+        by_level[str(u.level)].append(u)
+    sensitive = {lvl: {"most": sorted(us, key=lambda u: -u.spread)[:top],
+                       "least": sorted(us, key=lambda u: u.spread)[:top]} for lvl, us in by_level.items()}
+    categories = ins.stats()
     bits = _bits_by_op_type(units, op_types)
+    summary = PredictorSummary.of(predictor_quality) if isinstance(predictor_quality, PredictorQuality) else None
+    quality_rows = (predictor_quality.table() if isinstance(predictor_quality, PredictorQuality)
+                    else dict(predictor_quality or {}))
+    if evaluated is None:
+        evaluated = sum(1 for r in records if r.idx is not None)
 
     # constructions: predicted vs measured
     by_key = {r.config_key: r for r in records}
     built = []
     for c in constructions:
         meta = c.meta() if hasattr(c, "meta") else {k: v for k, v in dict(c).items() if k != "options"}
-        opts = _get(c, "options")
+        opts = field_of(c, "options")
         rec = by_key.get(config_key(opts)) if opts else None
         built.append(dict(meta, measured=rec.primary if rec else None, record_id=rec.id if rec else None))
     seen_ids = {b["record_id"] for b in built}
@@ -459,11 +491,16 @@ def report_json(
     rho = _spearman([p for p, _ in pairs], [-m for _, m in pairs])
 
     finite = [r for r in records if math.isfinite(r.primary)]
-    evaluated = {"n": len(records), "by_source": dict(Counter(r.source for r in records)),
-                 "best": _record_summary(min(finite, key=lambda r: r.primary)) if finite else None,
-                 "pareto": [_record_summary(r) for r in pareto_front(finite)]}
+    evaluated_summary = {"n": len(records), "by_source": dict(Counter(r.source for r in records)),
+                         "best": _record_summary(min(finite, key=lambda r: r.primary)) if finite else None,
+                         "pareto": [_record_summary(r) for r in pareto_front(finite)]}
 
     recs: list[str] = []
+    if unit_scores and not any(math.isfinite(v := float(field_of(s, "score"))) and v != 0 for s in unit_scores):
+        recs.append(
+            f"WARNING: every sensitivity score is 0 — the predictor could not rank the {evaluated} evaluated configs "
+            f"(held-out Spearman {summary.spearman if summary else None}); the insights and the constructions are "
+            "meaningless: run the search longer (≥ 50 configs; ~200 for stable insights)")
     for t, b in sorted(bits.items(), key=lambda kv: -(kv[1]["frac_3bit"] or 0)):
         f = b["frac_3bit"]
         if f is None:
@@ -480,8 +517,9 @@ def report_json(
                     f"{cat_stats[0][1]['spread']:.3g}); least: {cat_stats[-1][0]} ({cat_stats[-1][1]['spread']:.3g})")
     for lvl, s in sensitive.items():
         if s["most"]:
-            recs.append(f"most sensitive {lvl}-level unit: {s['most'][0]['unit']} (spread {s['most'][0]['spread']:.3g}"
-                        f", best {'/'.join(s['most'][0]['best_variant'])})")
+            u = s["most"][0]
+            recs.append(f"most sensitive {lvl}-level unit: {u.unit} (spread {u.spread:.3g}, best "
+                        f"{'/'.join(u.best_variant)})")
     if rho is not None:
         if rho < 0.3:
             recs.append(f"predicted and measured quality of the constructed configs disagree (Spearman {rho:.2f} over "
@@ -497,24 +535,26 @@ def report_json(
         if cheaper and b["measured"] < min(r.primary for r in cheaper):
             recs.append(f"{b.get('label')}: b̄ {b['avg_bits']:.3f}, {objective} {b['measured']:.4g} beats every other "
                         f"evaluated config at ≤ that b̄")
+    sampled = sorted({str(field_of(s, "unit")) for s in unit_scores if field_of(s, "sampled", False)})
+    if sampled:
+        n = ins.units[sampled[0]].n_variants if sampled[0] in ins.units else 0
+        recs.append(f"{len(sampled)} block unit(s) have more than {n} option combinations; their scores come "
+                    f"from a seeded sample of variants (e.g. {sampled[0]})")
 
-    return _plain({
-        "format": REPORT_FORMAT, "version": REPORT_VERSION, "objective": objective,
-        "units": {lvl: len(us) for lvl, us in by_level.items()},
-        "sensitive_units": sensitive,
-        "categories": categories,
-        "bits_by_op_type": bits,
-        "predictor_quality": predictor_quality or {},
-        "constructions": built,
-        "predicted_vs_measured": {"n": len(pairs), "spearman": rho},
-        "evaluated": evaluated,
-        "recommendations": recs,
-    })
+    return Report(objective, {lvl: len(us) for lvl, us in by_level.items()}, sensitive, categories, bits,
+                  quality_rows, built, {"n": len(pairs), "spearman": rho}, evaluated, evaluated_summary, recs,
+                  summary, _measured(records, constructions), _baselines(records, targets), sampled)
 
 
-def report_dumps(report: Mapping) -> str:
-    """Strict JSON text of a report (``ValueError`` on NaN/inf, which :func:`report_json` never leaves)."""
-    return json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)
+def report_json(**kwargs: Any) -> dict:
+    """:func:`build_report` as plain, strict-JSON data (``json.dumps(..., allow_nan=False)`` works; NaN → None)."""
+    return build_report(**kwargs).to_json()
+
+
+def report_dumps(report: Report | Mapping) -> str:
+    """Strict JSON text of a report (``ValueError`` on NaN/inf, which :meth:`Report.to_json` never leaves)."""
+    data = report.to_json() if isinstance(report, Report) else report
+    return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False)
 
 
 def _fmt(v: Any) -> str:
@@ -525,9 +565,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def report_text(report: Mapping) -> str:
-    """Human-readable summary of :func:`report_json` data: sensitive units, predictor quality, constructions,
+def report_text(report: Report | Mapping) -> str:
+    """Human-readable summary of a report (or its JSON data): sensitive units, predictor quality, constructions,
     recommendations."""
+    if isinstance(report, Report):
+        report = report.to_json()
     lines: list[str] = []
     units = report.get("units") or {}
     lines.append("units: " + (", ".join(f"{n} {lvl}-level" for lvl, n in units.items()) or "no unit scores"))
@@ -550,8 +592,7 @@ def report_text(report: Mapping) -> str:
         pvm = report.get("predicted_vs_measured") or {}
         if pvm.get("spearman") is not None:
             lines.append(f"  Spearman(predicted, −measured) = {pvm['spearman']:.3f} over {pvm['n']}")
-    ev = report.get("evaluated_summary") or report.get("evaluated")
-    ev = ev if isinstance(ev, dict) else {}
+    ev = report.get("evaluated_summary") or {}
     if ev.get("best"):
         b = ev["best"]
         lines.append(f"best evaluated: {report.get('objective')} {_fmt(b['primary'])} at b̄ {_fmt(b['avg_bits'])} "

@@ -1,4 +1,4 @@
-"""Unit scores (paper §4.2) and their aggregation into insights (§4.3).
+"""Unit scores (paper §4.2); ``search.insights`` aggregates them (§4.3).
 
 A unit variant ``g`` (the unit's layers set to one option each) is scored per fold predictor ``f`` from the L1 norm
 of its output node's embedding at the unit's hop depth ``m = min(hop, layers)``:
@@ -15,14 +15,13 @@ set to that config. Positive scores mean a better objective than the typical con
 
 Op-level units are single layers (hop 0); block-level units enumerate every option combination of their layers
 (``len(options)^k``). Units with more than ``max_variants`` combinations are *sampled* (seeded; the uniform variants
-always included), marked ``sampled=True`` and listed in :func:`insights` under ``sampled_units``.
+always included) and marked ``sampled=True``.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 from .graph import LayerGraph, Unit
 from .predictor import PredictorEnsemble
 
-__all__ = ["UnitScore", "VariantScore", "insights", "unit_scores", "unit_variants"]
+__all__ = ["UnitScore", "VariantScore", "unit_scores", "unit_variants"]
 
 
 @dataclass(frozen=True)
@@ -130,42 +129,4 @@ def unit_scores(ensemble: PredictorEnsemble, graph: LayerGraph | None = None, le
                                  tuple(options[j] for j in var[v]), float(score[v]),
                                  8.0 * float(nbytes[v]) / numel, int(nbytes[v]), hop, sampled,
                                  len(options) ** k))
-    return out
-
-
-def _stats(values: Iterable[float]) -> dict:
-    a = np.asarray(list(values), dtype=np.float64)
-    q1, med, q3 = (float(x) for x in np.quantile(a, [0.25, 0.5, 0.75]))
-    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "median": med, "q1": q1, "q3": q3,
-            "min": float(a.min()), "max": float(a.max()), "scores": a.tolist()}
-
-
-def insights(scores: Sequence[UnitScore]) -> dict:
-    """Score distributions for box plots: ``{"op_type" | "block_category" | "block_index": {key: stats}}`` with
-    stats ``n, mean, std, median, q1, q3, min, max, scores`` (all variants of all units in the group), plus
-    ``best`` (per unit: its top variant, score, bits, members, and ``spread`` = best − worst score and ``median``:
-    a unit whose choice matters has a wide spread; the level of its scores also carries the unit's own offset),
-    ``levels``, ``n_variants`` and ``sampled_units`` (units whose variants were sampled)."""
-    groups: dict[str, dict] = {"op_type": defaultdict(list), "block_category": defaultdict(list),
-                               "block_index": defaultdict(list)}
-    best: dict[str, UnitScore] = {}
-    per_unit: dict[str, list[float]] = defaultdict(list)
-    sampled: dict[str, None] = {}
-    for s in scores:
-        per_unit[s.unit].append(s.score)
-        groups["op_type"][s.op_type].append(s.score)
-        groups["block_category"][s.block_category].append(s.score)
-        groups["block_index"][s.block_index].append(s.score)
-        if s.unit not in best or s.score > best[s.unit].score:
-            best[s.unit] = s
-        if s.sampled:
-            sampled[s.unit] = None
-    out: dict = {key: {name: _stats(vals) for name, vals in sorted(g.items(), key=lambda kv: str(kv[0]))}
-                 for key, g in groups.items()}
-    out["best"] = {u: {"variant": list(s.variant), "score": s.score, "bits": s.bits, "members": list(s.members),
-                       "spread": s.score - min(per_unit[u]), "median": float(np.median(per_unit[u]))}
-                   for u, s in best.items()}
-    out["levels"] = sorted({s.level for s in scores})
-    out["n_variants"] = len(scores)
-    out["sampled_units"] = list(sampled)
     return out

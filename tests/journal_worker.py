@@ -1,4 +1,5 @@
-"""A fake search for tests/test_journal.py: samples configs, "evaluates" them, adds them to a journal.
+"""A fake search for tests/test_journal.py: samples configs, "evaluates" them, adds them to a journal; and
+:func:`journal_indices`, what the search tests read back from a journal file.
 
 Run as ``python tests/journal_worker.py JOURNAL N [DELAY]``: it prints ``ready <pid>`` once the journal is open, then
 evaluates sampler indices 0..N-1 that are not done yet (resume) and exits 0. The test kills it with SIGKILL.
@@ -7,6 +8,7 @@ evaluates sampler indices 0..N-1 that are not done yet (resume) and exits 0. The
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import sys
 import time
 import types
@@ -16,6 +18,16 @@ LAYERS = [f"blocks.{b}.{k}" for b in range(16) for k in ("q", "k", "v", "o", "ff
 SEED = 7
 FINGERPRINT = "fp-kill-test"
 OBJECTIVE = "denoise_error"
+
+
+def journal_indices(journal: str | Path) -> list[int]:
+    """The sampler indices a journal file holds, sorted (read-only; its integrity checked first)."""
+    con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return sorted(r[0] for r in con.execute("SELECT idx FROM evals"))
+    finally:
+        con.close()
 
 
 def fake_eval(options: dict[str, str]) -> tuple[float, int, float]:

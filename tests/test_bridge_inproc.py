@@ -178,15 +178,15 @@ def test_shipped_model_rebuilds_without_pickling_comfy_objects(comfy_inproc, tin
     import torch
 
     from qua2sedimo.nodes import comfy_bridge as bridge
-    from qua2sedimo.nodes.search_remote import _dumps_on_cpu
+    from qua2sedimo.nodes.search_remote import dumps_on_cpu
 
-    config = pickle.loads(_dumps_on_cpu(comfy.supported_models.SD15({})))
+    config = pickle.loads(dumps_on_cpu(comfy.supported_models.SD15({})))
     assert type(config) is comfy.supported_models.SD15
     assert config.unet_config == comfy.supported_models.SD15({}).unet_config
     mp = _load(tiny_models)
     fc2 = bridge.diffusion_model(mp).get_submodule("blocks.0.mlp.fc2").weight
     mp.add_patches({"diffusion_model.blocks.0.mlp.fc2.weight": ("diff", (torch.ones_like(fc2),))}, 0.5)
-    rebuilt = bridge.rebuild_model(pickle.loads(_dumps_on_cpu(bridge.ship_model(mp))))
+    rebuilt = bridge.rebuild_model(pickle.loads(dumps_on_cpu(bridge.ship_model(mp))))
     assert type(rebuilt.model) is type(mp.model) and rebuilt.model is not mp.model
     assert rebuilt.patches.keys() == mp.patches.keys() and rebuilt.size == mp.size
     assert not hasattr(rebuilt.model, "dynamic_pins") or rebuilt.model.dynamic_pins is not mp.model.__dict__.get(

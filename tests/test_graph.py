@@ -9,86 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import ToyDiT, trace_toy
 
 from qua2sedimo.quant import QuantConfig, quantizable_layers, quantize_
 from qua2sedimo.quant.layer_table import layers_fingerprint
 from qua2sedimo.search.graph import LayerGraph, block_path, classify_layer, layer_table, trace_graph
-
-# ------------------------------------------------------------------------------------------ toy models
-
-
-class Attn(nn.Module):
-    def __init__(self, d: int, fused: bool, manual: bool):
-        super().__init__()
-        self.fused, self.manual = fused, manual
-        if fused:
-            self.qkv = nn.Linear(d, 3 * d)
-        else:
-            self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1) if self.fused else (self.to_q(x), self.to_k(x), self.to_v(x))
-        if self.manual:  # decomposed, query-chunked attention written into a preallocated output
-            out = torch.zeros_like(q)
-            for i in range(0, q.shape[1], 2):
-                w = torch.einsum("bid,bjd->bij", q[:, i:i + 2], k).mul(q.shape[-1] ** -0.5).softmax(-1)
-                out[:, i:i + 2] = torch.bmm(w, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out)
-
-
-class CrossAttn(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.q_linear, self.kv_linear, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        k, v = self.kv_linear(y).chunk(2, dim=-1)
-        return self.proj(F.scaled_dot_product_attention(self.q_linear(x), k, v))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, fused: bool, manual: bool):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.norm = nn.LayerNorm(d, elementwise_affine=False)
-        self.attn = Attn(d, fused, manual)
-        self.cross_attn = CrossAttn(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(t)[:, None].chunk(2, dim=-1)
-        x = x + self.attn(self.norm(x) * (1 + scale) + shift)  # modulation → one combine node
-        x = x + self.cross_attn(x, y)
-        return x + self.mlp(self.norm(x))
-
-
-class ToyDiT(nn.Module):
-    def __init__(self, d: int = 16, depth: int = 2, fused: bool = True, manual: bool = False):
-        super().__init__()
-        self.x_embedder = nn.Linear(4, d)
-        self.t_embedder = nn.Sequential(nn.Linear(8, d), nn.SiLU(), nn.Linear(d, d))
-        self.y_embedder = nn.Sequential(nn.Linear(12, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList([Block(d, fused, manual) for _ in range(depth)])
-        self.final_layer = nn.Linear(d, 4)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, t, y = self.x_embedder(x), self.t_embedder(t), self.y_embedder(y)
-        for block in self.blocks:
-            x = block(x, y, t)
-        return self.final_layer(x)
-
-
-def toy_inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1, 6, 4, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, 5, 12, generator=g)
-
-
-def trace_toy(model: nn.Module) -> LayerGraph:
-    x, t, y = toy_inputs()
-    return trace_graph(model, lambda: model(x, t, y))
 
 
 class ResBlock(nn.Module):

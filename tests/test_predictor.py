@@ -2,109 +2,36 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
-from torch import nn
+from toys import FAST, make_synthetic
 
 from qua2sedimo.quant.accounting import option_nbytes
 from qua2sedimo.quant.options import OPTIONS
-from qua2sedimo.search.graph import LayerGraph, trace_graph
 from qua2sedimo.search.journal import Record
 from qua2sedimo.search.predictor import (
     GNN,
     BaselineEnsemble,
     FeatureBuilder,
     GATv2,
+    PredictorConfig,
     PredictorEnsemble,
     TargetTransform,
-    _loss,
-    _with_self_loops,
-    compare,
     hop_pool_matrix,
     lambdarank_loss,
     make_folds,
     soft_spearman_loss,
     train_baseline,
     train_predictor,
+    training_loss,
+    with_self_loops,
 )
+from qua2sedimo.search.quality import compare
+from qua2sedimo.search.report import report_json, report_text
 
 # ------------------------------------------------------------------------------------------- synthetic data
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.norm = nn.LayerNorm(d, elementwise_affine=False)
-        self.attn = nn.ModuleDict({"qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d)})
-        self.cross_attn = nn.ModuleDict({"q_linear": nn.Linear(d, d), "kv_linear": nn.Linear(d, 2 * d),
-                                         "proj": nn.Linear(d, d)})
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(t)[:, None].chunk(2, dim=-1)
-        q, k, v = self.attn["qkv"](self.norm(x) * (1 + scale) + shift).chunk(3, dim=-1)
-        x = x + self.attn["proj"](F.scaled_dot_product_attention(q, k, v))
-        k, v = self.cross_attn["kv_linear"](y).chunk(2, dim=-1)
-        x = x + self.cross_attn["proj"](F.scaled_dot_product_attention(self.cross_attn["q_linear"](x), k, v))
-        return x + self.mlp(self.norm(x))
-
-
-class ToyDiT(nn.Module):
-    def __init__(self, d: int = 8, depth: int = 1):
-        super().__init__()
-        self.x_embedder = nn.Linear(4, d)
-        self.t_embedder = nn.Sequential(nn.Linear(8, d), nn.SiLU(), nn.Linear(d, d))
-        self.y_embedder = nn.Sequential(nn.Linear(12, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList([_Block(d) for _ in range(depth)])
-        self.final_layer = nn.Linear(d, 4)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, t, y = self.x_embedder(x), self.t_embedder(t), self.y_embedder(y)
-        for block in self.blocks:
-            x = block(x, y, t)
-        return self.final_layer(x)
-
-
-def toy_graph(depth: int = 1) -> LayerGraph:
-    model = ToyDiT(depth=depth)
-    g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(1, 6, 4, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, 5, 12, generator=g)
-    return trace_graph(model, lambda: model(x, t, y))
-
-
-SENSITIVE = ("blocks.0.mlp.0", "blocks.0.mlp.2")  # the FF unit dominates the objective
-INSENSITIVE = ("y_embedder.0", "y_embedder.2")  # the c-embed unit does not matter at all
-PAIR = ("blocks.0.attn.qkv", "blocks.0.attn.proj")  # interaction: both at 3 bits costs extra
-
-
-def make_synthetic(n: int = 160, seed: int = 0, noise: float = 0.03):
-    """(graph, errors, records): objective = Σ_l s_l·err(l, option) + interaction, times log-normal noise."""
-    graph = toy_graph()
-    rng = np.random.default_rng(seed)
-    names = [la.name for la in graph.layers]
-    mult = {"uaq": 1.0, "kmeans_c": 0.6, "kmeans_a": 1.5}
-    errors = {nm: {o: mult[o.split("-")[0]] * (0.02 if o.endswith("-4") else 0.1) * rng.uniform(0.8, 1.25)
-                   for o in OPTIONS} for nm in names}
-    sens = {nm: (8.0 if nm in SENSITIVE else 0.0 if nm in INSENSITIVE else rng.uniform(0.2, 1.0)) for nm in names}
-    records = []
-    for i in range(n):
-        p = rng.uniform()
-        cfg = {nm: f"{rng.choice(['uaq', 'kmeans_c', 'kmeans_a'])}-{3 if rng.uniform() < p else 4}" for nm in names}
-        v = sum(sens[nm] * errors[nm][cfg[nm]] for nm in names)
-        if all(cfg[nm].endswith("-3") for nm in PAIR):
-            v += 0.4
-        v *= math.exp(rng.normal(0, noise))
-        records.append(Record(i, i, f"k{i}", cfg, 3.5, 0, {"err": v}, v, {}, "random", 0.0))
-    return graph, errors, records
-
-
-FAST = dict(folds=3, epochs=40, min_epochs=10, patience=10)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +43,8 @@ def data():
 def trained(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
-    return train_predictor(graph, fb, records, seed=0, **FAST), train_baseline(fb, records, folds=3, seed=0)
+    return (train_predictor(graph, fb, records, PredictorConfig(seed=0, **FAST)),
+            train_baseline(fb, records, PredictorConfig(folds=3, seed=0)))
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -159,7 +87,7 @@ def test_gatv2_matches_pyg():
     mine, ref = GATv2(5, 8), pyg.GATv2Conv(5, 8)
     ref.load_state_dict(mine.state_dict())
     x = torch.randn(3, 7, 5)
-    src, dst = _with_self_loops(edges, 7)
+    src, dst = with_self_loops(edges, 7)
     expect = torch.stack([ref(x[b], torch.tensor(edges).T) for b in range(3)])
     torch.testing.assert_close(mine(x, src, dst), expect, atol=1e-5, rtol=1e-5)
 
@@ -199,7 +127,7 @@ def test_ranking_gradients_are_applied(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
     pool, _ = hop_pool_matrix(graph, 4)
-    src, dst = _with_self_loops(graph.edges, len(graph.nodes))
+    src, dst = with_self_loops(graph.edges, len(graph.nodes))
     v = np.array([r.primary for r in records[:32]])
     t = TargetTransform.fit(v)
     torch.manual_seed(0)
@@ -207,7 +135,7 @@ def test_ranking_gradients_are_applied(data):
     x, z = fb([r.options for r in records[:32]]), torch.from_numpy(t(v)).float()
     for ranking in ("spearman", "lambdarank", "hybrid"):
         model.zero_grad()
-        _loss(model, x, z, src, dst, t, ranking, 0.0, 1.0, range(5)).backward()  # ranking term only
+        training_loss(model, x, z, src, dst, t, ranking, 0.0, 1.0, range(5)).backward()  # ranking term only
         assert all(float(p.grad.abs().sum()) > 0 for p in model.convs.parameters()), ranking
         assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.head.parameters())
     # training on the ranking loss alone makes the hop embedding norms rank the configs
@@ -215,7 +143,7 @@ def test_ranking_gradients_are_applied(data):
     with torch.no_grad():
         norms = model.pool(model.node_embeddings(x, src, dst)).abs().sum(-1)
     before = np.mean([stats.spearmanr(norms[:, m], z).statistic for m in range(5)])
-    ens = train_predictor(graph, fb, records, seed=1, mse_weight=0.0, ranking="spearman", **FAST)
+    ens = train_predictor(graph, fb, records, PredictorConfig(seed=1, mse_weight=0.0, ranking="spearman", **FAST))
     after = [h["spearman"]["mean"] for h in ens.metrics["hops"]]
     assert np.mean(after) > before + 0.3 and max(after) > 0.85, (before, after)
 
@@ -232,8 +160,8 @@ def test_predictor_learns_and_beats_nothing(trained):
     assert ens.rho.shape == (3, 5) and all(np.all(f.sigma > 0) for f in ens.folds)
     assert ridge.metrics["final"]["spearman"]["mean"] > 0.85
     table = compare(ens, ridge)
-    assert [r["metric"] for r in table["rows"]] == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
-    assert table["rows"][2]["ridge"] is None and "gnn ρ / τ" in table["text"]
+    assert [r.metric for r in table.rows] == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
+    assert table.rows[2].cells["ridge"] is None and "gnn ρ / τ" in table.text
 
 
 def test_predict_units_and_embeddings(trained, data):
@@ -253,11 +181,11 @@ def test_deterministic_with_seed(data):
     graph, errors, records = data
     fb = FeatureBuilder(graph, errors)
     kw = dict(folds=2, epochs=6, min_epochs=6, patience=6, seed=3)
-    a, b = train_predictor(graph, fb, records, **kw), train_predictor(graph, fb, records, **kw)
+    a, b = (train_predictor(graph, fb, records, PredictorConfig(**kw)) for _ in range(2))
     cfgs = [r.options for r in records[:10]]
     np.testing.assert_array_equal(a.predict(cfgs), b.predict(cfgs))
     assert a.metrics["folds"] == b.metrics["folds"]
-    c = train_predictor(graph, fb, records, **{**kw, "seed": 4})
+    c = train_predictor(graph, fb, records, PredictorConfig(**{**kw, "seed": 4}))
     assert not np.array_equal(a.predict(cfgs), c.predict(cfgs))
 
 
@@ -307,8 +235,24 @@ def test_bad_inputs(data):
     with pytest.raises(ValueError, match="at least 10"):
         train_predictor(graph, fb, records[:5])
     with pytest.raises(ValueError, match="ranking must be"):
-        train_predictor(graph, fb, records, ranking="ndcg")
+        train_predictor(graph, fb, records, PredictorConfig(ranking="ndcg"))
     nan = [Record(r.id, r.idx, r.config_key, r.options, r.avg_bits, 0, {}, float("nan"), {}, "random", 0.0)
            for r in records[:20]]
     with pytest.raises(ValueError, match="finite objective"):
         train_baseline(fb, nan)
+
+
+def test_report_holds_the_predictor_quality(trained):
+    """The report's predictor section is compare()'s table; it used to be empty (the report looked rows up by
+    keys compare() never wrote)."""
+    ens, ridge = trained
+    rep = report_json(predictor_quality=compare(ens, ridge))
+    pq = rep["predictor_quality"]
+    assert list(pq) == ["final", "pooled", "hop 0", "hop 1", "hop 2", "hop 3", "hop 4"]
+    assert pq["final"]["gnn spearman"] > 0.85 and pq["pooled"]["ridge spearman"] > 0.85
+    assert pq["final"]["gnn spearman"] == pytest.approx(ens.metrics["final"]["spearman"]["mean"])
+    assert set(pq["hop 0"]) == {"gnn spearman", "gnn kendall"}  # the ridge has no hops
+    assert rep["predictor"]["spearman"] == pytest.approx(ens.metrics["pooled"]["spearman"])
+    assert rep["predictor"]["baseline_kendall"] == pytest.approx(ridge.metrics["pooled"]["kendall"])
+    text = report_text(rep)
+    assert "predictor quality" in text and f"{pq['pooled']['gnn spearman']:.4g}" in text

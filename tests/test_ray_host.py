@@ -92,8 +92,8 @@ def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path
     import time
 
     import tiny_models as tm
+    from journal_worker import journal_indices
     from safetensors.torch import save_file
-    from test_search_cli import _indices
 
     (pos, _), = tm.conditioning_for("sd15", seed=1)
     (neg, _), = tm.conditioning_for("sd15", seed=2)
@@ -111,7 +111,7 @@ def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    done = _indices(journal)
+    done = journal_indices(journal)
     assert 4 <= len(done) < 30 and len(set(done)) == len(done)
 
     out = subprocess.run(_ray_cli(comfy_base, journal, cond, len(done) + 3), capture_output=True, text=True,
@@ -120,7 +120,7 @@ def test_cli_on_ray_driver_killed_then_resumed(comfy_base, tiny_models, tmp_path
     summary = json.loads(out.stdout)
     assert (summary["status"], summary["executor"], summary["ray"]["workers"]) == ("done", "ray", 2)
     assert summary["done"] == len(done) + 3 and summary["new"] == 3  # done ⊂ 0..len(done)+1: at most 2 in flight
-    assert _indices(journal) == list(range(len(done) + 3))
+    assert journal_indices(journal) == list(range(len(done) + 3))
 
 
 def test_image_objective_on_ray_equals_in_process(comfy_inproc, tiny_models, tmp_path, monkeypatch, ray_session):

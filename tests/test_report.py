@@ -9,10 +9,9 @@ import torch
 from qua2sedimo.quant.layer_table import LayerInfo
 from qua2sedimo.quant.options import OPTIONS
 from qua2sedimo.search.construct import knapsack, paper_rule
+from qua2sedimo.search.insights import INSIGHT_KEYS, aggregate_insights
 from qua2sedimo.search.journal import Record
 from qua2sedimo.search.report import (
-    INSIGHT_KEYS,
-    aggregate_insights,
     chosen_options_png,
     insight_figures,
     pareto_png,

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_predictor import FAST, INSENSITIVE, SENSITIVE, make_synthetic, toy_graph
+from toys import FAST, INSENSITIVE, SENSITIVE, make_synthetic, toy_graph
 
 from qua2sedimo.quant.options import OPTIONS
-from qua2sedimo.search.predictor import FeatureBuilder, train_predictor
-from qua2sedimo.search.scores import UnitScore, insights, unit_scores, unit_variants
+from qua2sedimo.search.insights import insights
+from qua2sedimo.search.predictor import FeatureBuilder, PredictorConfig, train_predictor
+from qua2sedimo.search.scores import UnitScore, unit_scores, unit_variants
 
 
 @pytest.fixture(scope="module")
 def ensemble():
     graph, errors, records = make_synthetic()
-    return train_predictor(graph, FeatureBuilder(graph, errors), records, seed=0, **FAST)
+    return train_predictor(graph, FeatureBuilder(graph, errors), records, PredictorConfig(seed=0, **FAST))
 
 
 def _by_unit(scores: list[UnitScore]) -> dict[str, list[UnitScore]]:
@@ -82,7 +83,7 @@ def test_block_level_scores_and_sampling(ensemble):
     big = [u for u in graph.units("block") if 6 ** len(u.members) > 10]
     assert big and all(len(fu[u.name]) == 10 and all(x.sampled for x in fu[u.name]) for u in big)
     assert all(not x.sampled for u in graph.units("block") if u not in big for x in fu[u.name])
-    assert insights(few)["sampled_units"] == [u.name for u in big]
+    assert insights(few).sampled_units == [u.name for u in big]
     again = unit_scores(ensemble, level="block", max_variants=10, seed=1)
     assert [x.variant for x in again] == [x.variant for x in few]
 
@@ -104,15 +105,18 @@ def test_context_scores_and_graph_check(ensemble):
 def test_insights(ensemble):
     scores = unit_scores(ensemble, level="op")
     ins = insights(scores)
-    assert ins["levels"] == ["op"] and ins["n_variants"] == len(scores) and ins["sampled_units"] == []
+    assert ins.levels == ["op"] and ins.n_variants == len(scores) and ins.sampled_units == []
+    stats = ins.stats()
     for key in ("op_type", "block_category", "block_index"):
-        assert sum(s["n"] for s in ins[key].values()) == len(scores)
-    ff2 = ins["op_type"]["FF-2"]
+        assert sum(s["n"] for s in stats[key].values()) == len(scores)
+    ff2 = stats["op_type"]["FF-2"]
     assert ff2["n"] == 6 and ff2["min"] <= ff2["q1"] <= ff2["median"] <= ff2["q3"] <= ff2["max"]
-    assert set(ins["block_index"]) == {-1, 0}
-    assert set(ins["best"]) == {la.name for la in ensemble.graph.layers}
-    b = ins["best"]["blocks.0.mlp.2"]
-    assert b["score"] == max(s.score for s in scores if s.unit == "blocks.0.mlp.2") and b["spread"] > 0
+    # block 0, and the global units (block index -1) apart from it, keyed by their category
+    assert {k for k in ins.groups["block_index"] if isinstance(k, int)} == {0}
+    assert all(isinstance(k, str) for k in ins.groups["block_index"] if k != 0)
+    assert set(ins.units) == {la.name for la in ensemble.graph.layers}
+    b = ins.units["blocks.0.mlp.2"]
+    assert b.best_score == max(s.score for s in scores if s.unit == "blocks.0.mlp.2") and b.spread > 0
     assert scores[0].to_json()["variant"] == list(scores[0].variant)
 
 

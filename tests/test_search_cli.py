@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
+from journal_worker import journal_indices
 
 
 def _cli(comfy_base, journal, cond, configs):
@@ -19,15 +19,6 @@ def _cli(comfy_base, journal, cond, configs):
             "--model", "pixart_sigma_d1.safetensors", "--conditioning", str(cond), "--journal", str(journal),
             "--configs", str(configs), "--n-seeds", "1", "--n-states", "2", "--steps", "3",
             "--width", "384", "--height", "384"]
-
-
-def _indices(journal) -> list[int]:
-    con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return sorted(r[0] for r in con.execute("SELECT idx FROM evals"))
-    finally:
-        con.close()
 
 
 @pytest.mark.slow
@@ -56,7 +47,7 @@ def test_cli_search_survives_kill_9_and_resumes(comfy_base, tiny_models, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    done = _indices(journal)
+    done = journal_indices(journal)
     assert done == list(range(len(done))) and len(done) >= 3
 
     out = subprocess.run(_cli(comfy_base, journal, cond, len(done) + 2), capture_output=True, text=True, env=env,
@@ -64,8 +55,8 @@ def test_cli_search_survives_kill_9_and_resumes(comfy_base, tiny_models, tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["status"] == "done" and summary["done"] == len(done) + 2 and summary["new"] == 2
-    assert _indices(journal) == list(range(len(done) + 2))
+    assert journal_indices(journal) == list(range(len(done) + 2))
     # budget of zero: a clear error, journal untouched
     bad = subprocess.run(_cli(comfy_base, journal, cond, 0), capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "budget of zero" in bad.stderr
-    assert _indices(journal) == list(range(len(done) + 2))
+    assert journal_indices(journal) == list(range(len(done) + 2))

@@ -60,9 +60,9 @@ def test_denoise_error_search_and_resume(comfy_inproc, tiny_models, tmp_path, mo
     assert all(0 < r.primary < 10 and 3 <= r.avg_bits < 5 for r in recs)
     # the input MODEL is untouched by the swaps
     from qua2sedimo.nodes import comfy_bridge as bridge
-    from qua2sedimo.quant.layers import _QuantBase
+    from qua2sedimo.quant import QuantConv2d, QuantLinear
 
-    assert not any(isinstance(m, _QuantBase) for m in bridge.diffusion_model(mp).modules())
+    assert not any(isinstance(m, QuantLinear | QuantConv2d) for m in bridge.diffusion_model(mp).modules())
 
 
 @pytest.mark.comfy_inproc
@@ -132,6 +132,8 @@ def test_report_and_build_config(comfy_inproc, tiny_models, tmp_path, monkeypatc
             assert target - 0.01 <= m["avg_bits"] <= target
     assert report["baselines"]["uniform_uaq4"]["objective"] < report["baselines"]["uniform_uaq3"]["objective"]
     assert set(report["predictor"]) >= {"spearman", "kendall", "baseline_spearman"}
+    assert {"final", "pooled", "hop 0"} <= set(report["predictor_quality"])  # the section is filled
+    assert {"gnn spearman", "ridge spearman"} <= set(report["predictor_quality"]["final"])
     assert report["evaluated"] == 16 and report["objective"] == "denoise_error"
     assert set(report["baselines"]["best_random_at_or_below_target"]) == {"3.5", "4"}
     assert all(png[:4] == b"\x89PNG" for png in a.figures.values())
