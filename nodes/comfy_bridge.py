@@ -329,7 +329,7 @@ def apply_config(model, config: QuantConfig, act_bits: int = 16, node_id: str | 
     options = sorted({o for o in config.options.values() if o != "fp16"})
     table = None
     if options and not patched:
-        table = option_table(dm, options, cache_dir=cache_dir(), device=_quant_device(), progress=Progress(node_id),
+        table = option_table(dm, options, cache_dir=cache_dir(), device=quant_device(), progress=Progress(node_id),
                              only=config.options)
     summary = quantize_(new_dm, config, table=table, act_bits=act_bits, make_layer=comfy_quant_layer)
     new_dm.qua2sedimo_config = config
@@ -505,11 +505,6 @@ def mark_quantized(model) -> None:
 
 def is_quantized(model) -> bool:
     return isinstance(model, _QuantPatcherMixin)
-
-
-def _quant_device() -> torch.device:
-    dev = comfy.model_management.get_torch_device()
-    return dev if dev.type == "cuda" else torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------- save / load
@@ -779,7 +774,8 @@ def encode_prompt(clip, text: str) -> list:
 # ------------------------------------------------------------------------------- for the search nodes
 def quant_device() -> torch.device:
     """Where option tables are built: ComfyUI's CUDA device, else the CPU."""
-    return _quant_device()
+    dev = comfy.model_management.get_torch_device()
+    return dev if dev.type == "cuda" else torch.device("cpu")
 
 
 def raise_if_interrupted() -> None:

@@ -24,8 +24,9 @@ CONFIG_VERSION = 1
 ModelLike = nn.Module | Iterable[LayerInfo]
 
 
-def _near(name: str, names: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(names), n=1)
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``names``, or ``""``: the hint of every "unknown name" error."""
+    close = difflib.get_close_matches(str(name), list(names), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -73,7 +74,7 @@ class QuantConfig:
         names = [layer.name for layer in layers]
         for pattern in keep:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ValueError(f"keep pattern {pattern!r} matches no layer{_near(pattern, names)}")
+                raise ValueError(f"keep pattern {pattern!r} matches no layer{did_you_mean(pattern, names)}")
         options = {
             n: FP_OPTION if any(fnmatch.fnmatchcase(n, p) for p in keep) else option for n in names
         }
@@ -92,7 +93,7 @@ class QuantConfig:
         if unknown:
             raise ValueError(
                 f"{len(unknown)} layer name(s) are not quantizable layers of this model, e.g. "
-                f"{unknown[0]!r}{_near(unknown[0], names)}; list them with quantizable_layers(model)"
+                f"{unknown[0]!r}{did_you_mean(unknown[0], names)}; list them with quantizable_layers(model)"
             )
         parse_option(default)
         options = {n: mapping.get(n, default) for n in names}
@@ -120,7 +121,7 @@ class QuantConfig:
             parse_option(option, pattern)
             if not any(rule_matches(pattern, n, tags) for n in names):
                 vocabulary = sorted({f"@{t}" for ts in (tags or {}).values() for t in ts})
-                near = _near(pattern, vocabulary if pattern.startswith("@") else names)
+                near = did_you_mean(pattern, vocabulary if pattern.startswith("@") else names)
                 raise ValueError(f"rule pattern {pattern!r} matches no layer{near}")
         parse_option(default)
         options = {n: next((o for p, o in rules if rule_matches(p, n, tags)), default) for n in names}

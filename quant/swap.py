@@ -17,12 +17,11 @@ kept. :meth:`ConfigSwapper.clear_cache` drops every cached module that is not in
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator, Mapping
 
 from torch import nn
 
-from .config import QuantConfig
+from .config import QuantConfig, did_you_mean
 from .layer_table import (
     LayerInfo,
     is_quantized_layer,
@@ -117,8 +116,7 @@ class ConfigSwapper:
             raise TypeError(f"a config must be a mapping layer → option or a QuantConfig, not {type(config).__name__}")
         unknown = [n for n in options if n not in self._current]
         if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), list(self._current), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(unknown[0], self._current)
             raise ValueError(
                 f"{len(unknown)} configured name(s) are not quantizable layers of this model, e.g. "
                 f"{unknown[0]!r}{hint}"

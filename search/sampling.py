@@ -10,7 +10,6 @@ methods at that width. Mixing ``p`` over configurations spreads the average bit 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import hashlib
 import json
@@ -18,6 +17,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..quant.config import did_you_mean
 from ..quant.options import FP_OPTION, METHODS, OPTIONS, SEARCH_BITS, format_option, parse_option
 
 __all__ = ["ConfigSampler", "config_key", "option_set", "sample_config"]
@@ -37,11 +37,6 @@ def option_set(methods: Iterable[str] = METHODS, bits: Iterable[int] = SEARCH_BI
     if not methods or not bits:
         raise ValueError("option_set needs at least one method and one bit width")
     return tuple(format_option(m, b) for b in bits for m in methods)
-
-
-def _near(name: str, names: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(names), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Plan:
@@ -110,7 +105,7 @@ class _Plan:
             matched = {pattern} if pattern in name_set else {n for n in names if fnmatch.fnmatchcase(n, pattern)}
             if not matched:
                 raise ValueError(
-                    f"keep names {pattern!r}, which is not one of the layers{_near(pattern, names)}: "
+                    f"keep names {pattern!r}, which is not one of the layers{did_you_mean(pattern, names)}: "
                     "pass layer names or glob patterns (e.g. 'final_layer*')"
                 )
             kept |= matched
@@ -120,7 +115,7 @@ class _Plan:
         for follower, leader in dict(tie or {}).items():
             for n in (follower, leader):
                 if n not in name_set:
-                    raise ValueError(f"tie names {n!r}, which is not one of the layers{_near(n, names)}")
+                    raise ValueError(f"tie names {n!r}, which is not one of the layers{did_you_mean(n, names)}")
             if leader in (tie or {}):
                 raise ValueError(f"tie: leader {leader!r} is itself tied to another layer; tie to the final leader")
             if follower == leader:
