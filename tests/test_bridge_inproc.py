@@ -142,6 +142,7 @@ def test_apply_config_shares_no_mutable_state_with_the_source(comfy_inproc, tiny
 
     from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.quant import QuantConfig
+    from qua2sedimo.quant.packed import PackedWeight
 
     monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path)
     mp = _load(tiny_models)
@@ -149,7 +150,9 @@ def test_apply_config_shares_no_mutable_state_with_the_source(comfy_inproc, tiny
     qmp, _ = bridge.apply_config(mp, QuantConfig.from_options(dm, {"blocks.0.mlp.fc2": "uaq-4"}))
     src_params = dict(mp.model.named_parameters())
     new_params = dict(qmp.model.named_parameters())
-    shared = [k for k in new_params if k in src_params]
+    packed = {k for k, p in new_params.items() if isinstance(p, PackedWeight)}
+    assert packed == {"diffusion_model.blocks.0.mlp.fc2.weight"}
+    shared = [k for k in new_params if k in src_params and k not in packed]
     assert shared and not any(new_params[k] is src_params[k] for k in shared)
     assert all(new_params[k].data_ptr() == src_params[k].data_ptr() for k in shared), "dense weights copied"
     assert not any(a is b for a in qmp.model.modules() for b in mp.model.modules())
@@ -161,7 +164,8 @@ def test_apply_config_shares_no_mutable_state_with_the_source(comfy_inproc, tiny
 
     before = {k: v.detach().clone() for k, v in src_params.items()}
     qmp.model.to(torch.float64)  # stands in for ComfyUI moving the quantized model between devices
-    assert all(p.dtype == torch.float64 for k, p in qmp.model.named_parameters() if k in src_params)
+    assert all(p.dtype == torch.float64 for k, p in qmp.model.named_parameters() if k in shared)
+    assert all(p.dtype == torch.uint8 for k, p in qmp.model.named_parameters() if k in packed)  # bytes stay bytes
     after = dict(mp.model.named_parameters())
     assert all(after[k] is src_params[k] and torch.equal(after[k], before[k]) for k in before)
     assert all(p.dtype == before[k].dtype for k, p in after.items())

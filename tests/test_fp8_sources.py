@@ -55,17 +55,17 @@ def test_scaled_fp8_source_quantizes_like_its_dense_weights(comfy_inproc, tiny_m
         method, bits = options[name].rsplit("-", 1)
         ref = quantize_weight(dense[name].to(dtype), method, int(bits), name=name)
         layer = qdm.get_submodule(name)
-        assert torch.equal(layer.codes, ref.codes) and torch.equal(layer.lut, ref.lut), name
+        assert torch.equal(layer.weight.codes, ref.codes) and torch.equal(layer.weight.lut, ref.lut), name
         assert layer.weight_dtype == dtype
         # the dequantized fp8 weight is what was quantized, not the raw fp8 values (off by the scale)
-        err = (layer.dequantized_weight(torch.float32) - dense[name]).pow(2).sum() / dense[name].pow(2).sum()
+        err = (layer.weight.dequantize(torch.float32) - dense[name]).pow(2).sum() / dense[name].pow(2).sum()
         assert err < 0.05, (name, float(err))
     # the quantized model runs, and Save → Load gives the same layers
     path = tmp_path / "q.safetensors"
     bridge.save_quantized(qmp, path)
     loaded = bridge.diffusion_model(bridge.load_quantized(path))
     for name in FP8_LAYERS:
-        assert torch.equal(loaded.get_submodule(name).codes, qdm.get_submodule(name).codes)
+        assert torch.equal(loaded.get_submodule(name).weight.codes, qdm.get_submodule(name).weight.codes)
 
 
 @pytest.mark.comfy_inproc
@@ -110,4 +110,4 @@ def test_search_on_an_fp8_source_uses_the_dequantized_weights(comfy_inproc, tiny
     dm = bridge.diffusion_model(mp)
     qdm = bridge.diffusion_model(bridge.apply_config(mp, QuantConfig.from_options(dm, {FP8_LAYERS[0]: "uaq-4"}))[0])
     entry = ctx.table.get(FP8_LAYERS[0], "uaq-4")
-    assert torch.equal(entry.codes, qdm.get_submodule(FP8_LAYERS[0]).codes)
+    assert torch.equal(entry.codes, qdm.get_submodule(FP8_LAYERS[0]).weight.codes)
