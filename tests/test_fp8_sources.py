@@ -56,7 +56,7 @@ def test_scaled_fp8_source_quantizes_like_its_dense_weights(comfy_inproc, tiny_m
         ref = quantize_weight(dense[name].to(dtype), method, int(bits), name=name)
         layer = qdm.get_submodule(name)
         assert torch.equal(layer.weight.codes, ref.codes) and torch.equal(layer.weight.lut, ref.lut), name
-        assert layer.weight_dtype == dtype
+        assert layer.weight.packing.dtype == dtype
         # the dequantized fp8 weight is what was quantized, not the raw fp8 values (off by the scale)
         err = (layer.weight.dequantize(torch.float32) - dense[name]).pow(2).sum() / dense[name].pow(2).sum()
         assert err < 0.05, (name, float(err))
