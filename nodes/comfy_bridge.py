@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -24,6 +23,7 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 import comfy.utils
+import comfy.weight_adapter
 import folder_paths
 import torch
 import torch.nn.functional as F
@@ -360,11 +360,10 @@ def _lowrank_terms(patches: list) -> list[tuple[torch.Tensor, torch.Tensor, floa
     terms = []
     for patch_list, _key in patches:
         for strength, adapter, strength_model, offset, function in patch_list:
-            weights = getattr(adapter, "weights", None)
             if (strength_model != 1.0 or offset is not None or function is not None
-                    or type(adapter).__name__ != "LoRAAdapter" or weights is None):
+                    or type(adapter) is not comfy.weight_adapter.LoRAAdapter):
                 return None
-            up, down, alpha, mid, dora_scale, reshape = weights[:6]
+            up, down, alpha, mid, dora_scale, reshape = adapter.weights[:6]
             if mid is not None or dora_scale is not None or reshape is not None or up.dim() != 2 or down.dim() != 2:
                 return None
             scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
@@ -411,17 +410,11 @@ class _PackedOp:
         return cache[key]
 
 
-def _every_op() -> None:
-    hook = getattr(comfy.ops, "run_every_op", None)  # ComfyUI ≥ 0.4: interrupts inside a step
-    if hook is not None:
-        hook()
+_every_op = getattr(comfy.ops, "run_every_op", lambda: None)  # ComfyUI ≥ 0.4: interrupts inside a step
 
 
 class QuantOps(comfy.ops.manual_cast):
     """ComfyUI's ops with layers that run packed weights (and load them from a quantized file)."""
-
-    packed: dict[str, PackedWeight] = {}
-    layer_info: dict[str, dict] = {}
 
     class Linear(_PackedOp, comfy.ops.manual_cast.Linear):
         def forward(self, x, *args, **kwargs):
@@ -539,9 +532,7 @@ def save_quantized(model, path: Path) -> dict:
         "config": config.to_dict() if config is not None else None,
         "source_fingerprint": config.fingerprint if config is not None else None,
     }
-    with model.use_ejected() if hasattr(model, "use_ejected") else contextlib.nullcontext():
-        sd = dict(dm.state_dict())
-    save_quantized_file(path, sd, header)
+    save_quantized_file(path, dm.state_dict(), header)
     return header
 
 

@@ -222,12 +222,10 @@ class PackedWeight(torch.Tensor):
         if (src is not None and func in _SAME_BYTES and isinstance(out, torch.Tensor)
                 and out.dtype == torch.uint8 and out.numel() == src.packing.nbytes):
             return out if isinstance(out, PackedWeight) else PackedWeight.wrap(out, src.packing, src.patches)
-        if isinstance(out, PackedWeight) and not hasattr(out, "packing"):  # e.g. in-place op returning self
-            return out
         return out
 
     def __reduce_ex__(self, protocol):
-        return _rebuild, (self.raw.detach().clone(), self.packing, self.requires_grad)
+        return PackedWeight.wrap, (self.raw.detach().clone(), self.packing)
 
     def __deepcopy__(self, memo):
         out = PackedWeight.wrap(self.raw.detach().clone(), self.packing, list(self.patches))
@@ -238,10 +236,6 @@ class PackedWeight(torch.Tensor):
         lay = self.packing
         return (f"PackedWeight({lay.option}, shape={list(lay.shape)}, dtype={lay.dtype}, table={lay.table_kind}, "
                 f"{lay.nbytes} bytes, device={self.device})")
-
-
-def _rebuild(raw: torch.Tensor, layout: PackedLayout, requires_grad: bool) -> PackedWeight:
-    return PackedWeight.wrap(raw, layout)
 
 
 def _float_target(args: tuple, kwargs: dict) -> torch.dtype | None:

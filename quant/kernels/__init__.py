@@ -116,9 +116,6 @@ def select(w: PackedWeight, x_dtype: torch.dtype | None = None, device: torch.de
     choice = _choice()
     if choice == "reference":
         return REFERENCE
-    if choice == "triton" and _triton() is None:
-        _warn_once("import", f"qua2sedimo: triton backend unavailable ({_triton_state['error']!r}); using the "
-                             "reference")
     for backend in _registry:
         if backend is REFERENCE:
             break
@@ -129,9 +126,8 @@ def select(w: PackedWeight, x_dtype: torch.dtype | None = None, device: torch.de
         if _key(backend, w, x_dtype, device) in _disabled:
             continue
         if backend is TRITON and _triton() is None:
-            if choice == "auto":
-                _warn_once("import", f"qua2sedimo: triton backend unavailable ({_triton_state['error']!r}); "
-                                     "using the reference")
+            _warn_once("import", f"qua2sedimo: triton backend unavailable ({_triton_state['error']!r}); using the "
+                                 "reference")
             continue
         if backend.supports(w, x_dtype, device, m):
             return backend
