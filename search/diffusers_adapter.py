@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.atomic import atomic_write_text
 from ..quant.config import QuantConfig
 from ..quant.format import load_quantized_file, save_quantized_file
 from ..quant.layer_table import dtype_name, is_quantized_layer, layers_fingerprint, quantizable_layers
@@ -45,7 +46,7 @@ from .marginal import predicted_knapsack
 from .objectives import DenoiseError, StateRecorder, TrajectoryStates, states_cache_key
 from .predictor import FeatureBuilder, PredictorConfig, train_baseline, train_predictor
 from .quality import compare
-from .report import Report, build_report
+from .report import Report, build_report, report_dumps
 from .runner import SearchProgress, SearchResult, config_size, run_search
 from .sampling import ConfigSampler, config_key, option_set
 from .scores import UnitScore, unit_scores
@@ -312,6 +313,7 @@ class DiffusersSearch:
     metric: DenoiseError
     sampler: ConfigSampler
     journal_kwargs: dict
+    device: torch.device | None = None
     primary: str = PRIMARY
 
     def evaluate(self, options: Mapping[str, str]) -> dict:
@@ -323,7 +325,15 @@ class DiffusersSearch:
 
     def forward_once(self) -> torch.Tensor:
         st = self.states[0]
-        return denoise_fn(self.model)(st.x, st.t, **st.cond)
+
+        def move(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device) if self.device is not None else v
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return type(v)(move(x) for x in v) if isinstance(v, list | tuple) else v
+
+        return denoise_fn(self.model)(move(st.x), move(st.t), **move(st.cond))
 
     def restore(self) -> None:
         """Put the model's own dense layers back."""
@@ -364,12 +374,13 @@ def prepare_search(model: Any, scheduler: Any, conditioning: Mapping[str, Any], 
     table = option_table(model, spec.options, cache_dir=cache_dir, progress=progress)
     swapper = ConfigSwapper(model, table, check_weights=False)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    metric = DenoiseError(states, device=param.device if param is not None else None)
+    device = param.device if param is not None else None
+    metric = DenoiseError(states, device=device)
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
     journal_kwargs = dict(model_fingerprint=fingerprint, objective=PRIMARY,
                           settings={**settings, "sampler": sampler.settings()},
                           layer_names=[la.name for la in layers])
-    return DiffusersSearch(model, layers, table, swapper, states, metric, sampler, journal_kwargs)
+    return DiffusersSearch(model, layers, table, swapper, states, metric, sampler, journal_kwargs, device)
 
 
 @contextlib.contextmanager
@@ -483,3 +494,80 @@ def load_folder(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) 
     else:
         scheduler = diffusers.DDIMScheduler()
     return model, scheduler
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def folder_conditioning(model: nn.Module, *, conditioning: str | os.PathLike | None = None,
+                        class_labels: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(conditioning, negative)`` for a local model: class ids (DiT; the negative is the null class) or a
+    safetensors file of forward kwargs (``negative.<kwarg>`` for the unconditional branch)."""
+    if (conditioning is None) == (class_labels is None):
+        raise ValueError("give the model's conditioning: --class-labels (class-conditional DiT) or --conditioning "
+                         "(a safetensors file of forward kwargs such as 'encoder_hidden_states')")
+    if class_labels is not None:
+        try:
+            labels = [int(v) for v in str(class_labels).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--class-labels must be comma-separated integers, got {class_labels!r}") from None
+        n = getattr(model.config, "num_embeds_ada_norm", None)
+        if not labels or n is None or any(not 0 <= v < n for v in labels):
+            raise ValueError(f"class labels {labels} do not fit {type(model).__name__} (classes 0..{n}; only "
+                             "class-conditional models such as DiT take --class-labels)")
+        return {"class_labels": torch.tensor(labels)}, {"class_labels": torch.full((len(labels),), n)}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(conditioning))
+    pos = {k: v for k, v in tensors.items() if not k.startswith("negative.")}
+    neg = {k.removeprefix("negative."): v for k, v in tensors.items() if k.startswith("negative.")}
+    return pos, (neg or None)
+
+
+def search_folder(folder: str | os.PathLike, journal: str | os.PathLike, *, conditioning: str | None = None,
+                  class_labels: str | None = None, configs: int = 100, minutes: float = 0, seed: int = 0,
+                  steps: int = 10, n_states: int = 8, n_seeds: int = 2, cfg: float = 1.0,
+                  latent_size: int | None = None, report_dir: str | os.PathLike | None = None,
+                  targets: str | Sequence[float] = (3.5, 4.0), export_jsonl: str | None = None,
+                  cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
+    """The command line's ``--diffusers <folder>``: search (resumable journal), then optionally the report and the
+    constructed configs in ``report_dir``; returns a JSON-able summary."""
+    model, scheduler = load_folder(folder)
+    pos, neg = folder_conditioning(model, conditioning=conditioning, class_labels=class_labels)
+    guidance = cfg if neg is not None else 1.0
+    if neg is None and cfg != 1.0:
+        log(f"no negative conditioning: states are recorded without CFG (cfg {cfg} ignored)")
+    spec = DiffusersSpec(seed=seed, n_seeds=n_seeds, n_states=n_states, steps=steps, guidance_scale=guidance,
+                         latent_size=latent_size)
+    journal = Path(journal).resolve()
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else journal.parent / "qua2sedimo-cache"
+    ctx = prepare_search(model, scheduler, pos, spec=spec, negative=neg if guidance != 1.0 else None,
+                         cache_dir=cache, progress=lambda d, t, label="": log(f"option table {d}/{t} {label}"))
+    res = run_diffusers_search(ctx, journal, max_configs=configs, max_seconds=minutes * 60 or None,
+                               progress=lambda p: log(p.text()))
+    summary: dict[str, Any] = {
+        "status": res.status, "done": res.done, "new": res.new, "seconds": round(res.seconds, 2),
+        "journal": str(journal), "objective": PRIMARY, "model": type(model).__name__,
+        "best": {"value": res.best.primary, "avg_bits": res.best.avg_bits, "idx": res.best.idx} if res.best else None,
+    }
+    if report_dir is not None:
+        tb = _float_list(targets, "--target-bits") if isinstance(targets, str) else list(targets)
+        analysis = analyse(ctx, journal, targets=tb, seed=seed)
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "report.json", report_dumps(analysis.report))
+        written = []
+        for label, qc in analysis.configs.items():
+            path = out / f"config-{''.join(c if c.isalnum() or c in '.-' else '_' for c in label)}.json"
+            qc.save(path)
+            written.append(str(path))
+        summary["report"] = {"json": str(out / "report.json"), "configs": written}
+    if export_jsonl:
+        with ctx.open_journal(journal, readonly=True) as j:
+            summary["jsonl"] = str(j.export_jsonl(export_jsonl))
+    return summary
