@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.api import quantize_
 from ..quant.atomic import atomic_write_text
 from ..quant.config import QuantConfig
 from ..quant.format import load_quantized_file, save_quantized_file
@@ -50,6 +51,12 @@ from .report import Report, build_report, report_dumps
 from .runner import SearchProgress, SearchResult, config_size, run_search
 from .sampling import ConfigSampler, config_key, option_set
 from .scores import UnitScore, unit_scores
+
+__all__ = [  # QuantConfig and quantize_ re-exported: one import for the diffusers user
+    "DiffusersAnalysis", "DiffusersSearch", "DiffusersSpec", "QuantConfig", "analyse", "denoise_fn", "denoiser",
+    "load_folder", "load_quantized", "prepare_search", "quantize_", "record_states", "run_diffusers_search",
+    "save_quantized", "search_folder",
+]
 
 INSTALL_HINT = "install the optional extra: pip install 'qua2sedimo[diffusers]'"
 PRIMARY = "denoise_error"
