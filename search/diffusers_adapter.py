@@ -73,12 +73,12 @@ def require_diffusers():
 
 def denoiser(obj: Any) -> nn.Module:
     """The denoiser of a diffusers pipeline (``pipe.transformer`` or ``pipe.unet``), or the model itself."""
+    if isinstance(obj, nn.Module):
+        return obj
     for attr in ("transformer", "unet"):
         model = getattr(obj, attr, None)
         if isinstance(model, nn.Module):
             return model
-    if isinstance(obj, nn.Module):
-        return obj
     raise ValueError(f"{type(obj).__name__} is neither a diffusers denoiser nor a pipeline with a 'transformer' or "
                      "'unet': pass pipe.transformer / pipe.unet")
 
@@ -171,7 +171,12 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
                 tensors[f"{name}.weight"] = packed
             continue
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, attr)
+        except AttributeError:
+            raise ValueError(f"{path.name!r}: quantized layer {name!r} is not a layer of {cls.__name__} built from the "
+                             "file's config (file edited, or written by another diffusers version)") from None
         bias = tensors.pop(f"{name}.bias", None)
         setattr(parent, attr, _quant_layer(getattr(parent, attr), packed, bias, int(layer.get("act_bits", 16))))
     buffers = {n: tensors.pop(n) for n in info.get("buffers", [])}

@@ -130,7 +130,17 @@ def test_save_load_identical(name, tmp_path):
     quantize_(q, config)
     path = tmp_path / "q.safetensors"
     da.save_quantized(q, path, config)
-    loaded = da.load_quantized(path)
+    built_on: list[str] = []  # where the model's layers are allocated while loading: meta only, no dense copy
+    init = torch.nn.Linear.reset_parameters
+
+    def record(self):
+        built_on.append(self.weight.device.type)
+        init(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Linear, "reset_parameters", record)
+        loaded = da.load_quantized(path)
+    assert built_on and set(built_on) == {"meta"}
     assert type(loaded) is type(q)
     for n, o in config.options.items():
         assert isinstance(loaded.get_submodule(n).weight, PackedWeight) == (o != "fp16")
