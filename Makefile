@@ -20,11 +20,11 @@ HOST033_SELECT ?= -m "comfy_inproc or comfy_server"
 venv: $(DEPS)
 
 # A virtualenv $(1) with CPU torch 2.13.0 first (`pip install torch==2.13.0` finds the local CPU build), then the
-# package with its dev/triton/ray extras under constraints that keep that torch: nothing may pull a CUDA torch.
+# package with its dev/triton/ray/diffusers extras under constraints that keep that torch: nothing may pull a CUDA torch.
 define make_venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(1)/bin/python -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray]' 2>&1 | grep -v "is ignored" || true
+	$(1)/bin/python -m pip install -q -c .ci/constraints.txt -e '.[dev,triton,ray,diffusers]' 2>&1 | grep -v "is ignored" || true
 	$(1)/bin/python -c "import torch, triton, safetensors, hypothesis, ray, qua2sedimo.quant"
 	touch $(1)/.qua2sedimo-deps
 endef

@@ -29,12 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ComfyUI folder (default: $COMFY_DIR)")
     s.add_argument("--base-directory", help="ComfyUI --base-directory (models/, output/); default: the ComfyUI folder")
     s.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI --cpu)")
-    s.add_argument("--model", required=True, help="diffusion model file (path, or a name in models/diffusion_models)")
+    s.add_argument("--model", help="diffusion model file (path, or a name in models/diffusion_models); required "
+                   "unless --diffusers")
     s.add_argument("--checkpoint", action="store_true", help="--model is a full checkpoint with its text encoder")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="positive prompt (needs --checkpoint)")
     g.add_argument("--conditioning", help="safetensors with 'positive' and 'negative' tensors [batch, tokens, dim] "
-                   "(optional '<name>.pooled_output')")
+                   "(optional '<name>.pooled_output'); with --diffusers: the denoiser's forward kwargs by name "
+                   "(e.g. 'encoder_hidden_states'), 'negative.<kwarg>' for the unconditional branch")
+    g.add_argument("--class-labels", help="with --diffusers (class-conditional DiT): comma-separated class ids")
     s.add_argument("--negative", default="", help="negative prompt (with --prompt)")
     s.add_argument("--objective", choices=["denoise_error", "image"], default="denoise_error")
     s.add_argument("--configs", type=int, default=100, help="configs the journal run should hold (default 100)")
@@ -48,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-seeds", type=int, default=2)
     s.add_argument("--cfg", type=float, default=4.0)
     s.add_argument("--export-jsonl", help="also write the run as JSONL here when done")
+    d = s.add_argument_group("a diffusers model instead of ComfyUI (pip install 'qua2sedimo[diffusers]')")
+    d.add_argument("--diffusers", metavar="DIR", help="local diffusers folder (pipeline with transformer/ or unet/ "
+                   "and scheduler/, or a model folder); ComfyUI is not used. --cfg applies with negative conditioning "
+                   "(DiT: the null class)")
+    d.add_argument("--latent-size", type=int, help="with --diffusers: latent height = width (default: the model's)")
+    d.add_argument("--report", metavar="DIR", help="with --diffusers: train the predictor and write report.json and "
+                   "the constructed configs (config-*.json) here after the search")
+    d.add_argument("--target-bits", default="3.5,4.0", help="with --report: comma-separated knapsack targets")
     r = s.add_argument_group("evaluation on a Ray cluster (pip install 'qua2sedimo[ray]')")
     r.add_argument("--executor", choices=["in-process", "ray"], default="in-process",
                    help="where configs are evaluated; the journal is always written here (default: in-process)")
@@ -77,6 +88,25 @@ def search_main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--configs must be at least 1, got {args.configs}: a budget of zero evaluates nothing")
     if not math.isfinite(args.minutes) or args.minutes < 0:
         raise SystemExit(f"--minutes must be a finite number ≥ 0 (0 = no time budget), got {args.minutes}")
+    if args.diffusers:
+        from ..search.diffusers_adapter import search_folder
+
+        if args.prompt is not None or args.objective != "denoise_error" or args.executor != "in-process":
+            raise SystemExit("--diffusers runs the denoise_error objective in-process, conditioned by --class-labels "
+                             "or --conditioning (a safetensors file of the denoiser's forward kwargs)")
+        try:
+            return search_folder(args.diffusers, args.journal, conditioning=args.conditioning,
+                                 class_labels=args.class_labels, configs=args.configs, minutes=args.minutes,
+                                 seed=args.seed, steps=args.steps, n_states=args.n_states, n_seeds=args.n_seeds,
+                                 cfg=args.cfg, latent_size=args.latent_size, report_dir=args.report,
+                                 targets=args.target_bits, export_jsonl=args.export_jsonl,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (ImportError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+    if args.model is None:
+        raise SystemExit("--model is required (or --diffusers <folder> for a diffusers model)")
+    if args.class_labels is not None:
+        raise SystemExit("--class-labels is for --diffusers models; ComfyUI models take --prompt or --conditioning")
     try:
         boot(args.comfy_dir, cpu=args.cpu, base_directory=args.base_directory)
     except ValueError as e:

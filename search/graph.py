@@ -70,14 +70,15 @@ _C_EMBED = re.compile(r"caption|^y_embedder$|y_proj|mlp_t5|context_embedder|txt_
 # Chroma's modulation approximator: a global network from timestep/guidance to every block's modulation vectors.
 _MOD_APPROX = re.compile(r"distilled_guidance|approximator")
 _PATCHIFY = re.compile(r"x_embedder|patch_embed|patchify|^img_in$|^pos_embed$")
-_ATTN = re.compile(r"attn|attention")
+_ATTN = re.compile(r"attn|attention(?!s$)")  # diffusers' U-Net ``attentions`` is a list of transformer blocks
 _CROSS = re.compile(r"cross|attn2|" + _W + "ca" + _W_END)
 _SELF = re.compile(r"attn1|self")
 _ROLES = (("QKV", re.compile(r"qkv")), ("KV", re.compile(_W + r"(?:to_)?kv" + _W_END)),
           ("Q", re.compile(_W + r"(?:q|query)" + _W_END)), ("K", re.compile(_W + r"(?:k|key)" + _W_END)),
           ("V", re.compile(_W + r"(?:v|value)" + _W_END)))
 _ADALN = re.compile(r"adaln|modulation|^t_block$|" + _W + "mod" + _W_END)
-_FINAL = re.compile(r"^(?:final_layer|final|norm_out|proj_out|out|conv_out|out_layer|final_linear|head)$")
+_FINAL = re.compile(r"^(?:final_layer|final|norm_out|proj_out|out|conv_out|out_layer|final_linear|head|proj_out_[12])$")
+_FINAL_MOD = re.compile(r"^proj_out_1$")  # diffusers DiT: the final layer's adaLN (shift, scale) from the conditioning
 _FF = re.compile(r"^(?:mlp|ff|ffn|feed_forward|feedforward|ff_net|mlp_block)$|_mlp$|^mlp_")
 _FF_CLASSES = ("FeedForward", "Mlp", "MLP", "GEGLU")
 # The down-projection of a feed-forward module, by name (SwiGLU's w2 is registered before w3); otherwise the last.
@@ -189,6 +190,10 @@ def _op_type(name: str, kind: str, words: list[str], wclasses: list[str], classe
         return "pool"
     if in_block:  # inside a repeated block only the names below it count (HunyuanVideo's txt_in refiner blocks)
         anc = [p.lower() for p in parts[len(block.split(".")):-1] if not p.isdigit()]
+        if any("norm" in w for w in anc):  # a block's own conditioning embedder under its adaLN (diffusers DiT's
+            return "adaln"  # ``norm1.emb.timestep_embedder``): that block's modulation, not the global t-embedding
+    elif _FINAL_MOD.search(words[0]):
+        return "adaln"
     embed = _embed_op(anc)
     if embed is not None:
         return embed
