@@ -498,11 +498,16 @@ def load_folder(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) 
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         raise ValueError(f"diffusers {diffusers.__version__} has no model class {name!r} (update diffusers)")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    model = cls.from_pretrained(str(model_dir), local_files_only=True, **kwargs).eval()
+    # safetensors only: a pickled .bin checkpoint is never loaded (torch.load of a user's file runs its code)
+    model = cls.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True, **kwargs).eval()
     sched_dir = folder / "scheduler"
     if (sched_dir / "scheduler_config.json").is_file():
         sname = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
-        scheduler = getattr(diffusers, sname).from_pretrained(str(sched_dir), local_files_only=True)
+        scheduler_cls = getattr(diffusers, str(sname), None)
+        if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
+            raise ValueError(f"{str(sched_dir / 'scheduler_config.json')!r}: {sname!r} is not a diffusers scheduler "
+                             f"of diffusers {diffusers.__version__}")
+        scheduler = scheduler_cls.from_pretrained(str(sched_dir), local_files_only=True)
     else:
         scheduler = diffusers.DDIMScheduler()
     return model, scheduler
