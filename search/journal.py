@@ -111,7 +111,7 @@ class Journal:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | JournalFile,
         *,
         model_fingerprint: str,
         objective: str,
@@ -128,6 +128,8 @@ class Journal:
         lock, no writes, the run must exist. ``layer_names``: when given, every added config must cover exactly these
         layers (they are stored with a new run and checked against a stored list). ``busy_timeout``: seconds to wait
         for SQLite's lock before failing with :class:`JournalLocked`. Raises :class:`JournalError` otherwise.
+        ``path`` may be a :class:`JournalFile` whose writer lock the caller took first (taken over: closing the
+        journal releases it).
         """
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
             raise ValueError("model_fingerprint must be a non-empty string (e.g. layers_fingerprint(layers))")
@@ -141,7 +143,11 @@ class Journal:
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
                 raise ValueError("layer_names must be a non-empty list of distinct layer names")
         self = object.__new__(cls)
-        self._file = JournalFile(path, model_fingerprint=model_fingerprint, busy_timeout=busy_timeout)
+        if isinstance(path, JournalFile):
+            self._file = path
+            self._file.model_fingerprint, self._file.busy = model_fingerprint, float(busy_timeout)
+        else:
+            self._file = JournalFile(path, model_fingerprint=model_fingerprint, busy_timeout=busy_timeout)
         self._path = self._file.path
         self._readonly = bool(readonly)
         self._mu = threading.RLock()
