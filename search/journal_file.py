@@ -3,8 +3,9 @@
 What a run does with the file (add, read, resume, export) is in :mod:`.journal`; this module knows nothing of runs
 beyond listing them. Safety rules, all here:
 
-* a new file is built under a temporary name and hard-linked into place, so the journal path either does not
-  exist or holds a complete, empty journal.
+* a new file is built under a temporary name, checkpointed (explicitly: ``close()`` hides a failed checkpoint),
+  read back and only then hard-linked into place, so the journal path either does not exist or holds a complete,
+  empty journal; any failure (a full disk) removes the temporary file and says so.
 * an existing file is validated through a **read-only** connection (SQLite magic, ``PRAGMA quick_check``, format,
   schema version, model) before anything may write to it: a file that fails is left byte-for-byte untouched.
 * one writer per journal file: an exclusive ``flock`` on the sidecar ``<journal>.lock`` (released by the OS when the
@@ -254,32 +255,20 @@ class JournalFile:
 
     # ---------------------------------------------------------------------------------------------- create
     def create(self) -> None:
-        """Build an empty journal under a temporary name, then link it into place (never a half-made journal)."""
+        """Build an empty journal under a temporary name, checkpoint it into one file, read it back, then link it into
+        place. Any failure (a full disk, …) leaves no journal in place and no temporary file: :class:`JournalError`."""
         path = self.path
         for stale in path.parent.iterdir():  # left by a creator that died (we hold the lock, so none is live)
             if stale.name.startswith(f".{path.name}.") and stale.name.endswith((".new", ".new-wal", ".new-shm")):
                 with contextlib.suppress(OSError):
                     stale.unlink()
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        tmp: Path | None = None
         try:
-            con = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                con.execute("PRAGMA journal_mode = WAL")
-                con.executescript(_SCHEMA)
-                meta = {
-                    "format": JOURNAL_FORMAT,
-                    "schema_version": str(SCHEMA_VERSION),
-                    "created": now_iso(),
-                    "model_fingerprint": self.model_fingerprint,
-                    "created_by": _package_version(),
-                }
-                con.execute("BEGIN")
-                con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
-                con.execute("COMMIT")
-            finally:
-                con.close()  # checkpoints and removes the WAL: everything is in the main file
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            self._build(tmp)
+            self._verify_new(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             try:
@@ -290,16 +279,66 @@ class JournalFile:
                 if path.exists():
                     raise JournalError(f"{str(path)!r} appeared while creating a journal; open it again") from None
                 os.replace(tmp, path)
+        except (sqlite3.Error, OSError) as e:
+            full = "full" in str(e).lower() or getattr(e, "errno", None) == 28  # ENOSPC
+            raise JournalError(
+                f"could not create the journal {str(path)!r} ({e}); nothing was put in its place. "
+                + ("Free some disk space (or choose a journal folder on another disk) and try again."
+                   if full else "Check that the folder is writable and has free space, then try again.")
+            ) from None
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(str(tmp) + suffix)
+            if tmp is not None:
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(tmp) + suffix)
         with contextlib.suppress(OSError):
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+    def _build(self, tmp: Path) -> None:
+        """Schema and metadata into ``tmp``, then an explicit checkpoint: ``close()`` would hide a failed one
+        (a full disk), leaving the schema in a WAL file that is not linked with it."""
+        con = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.executescript(_SCHEMA)
+            meta = {
+                "format": JOURNAL_FORMAT,
+                "schema_version": str(SCHEMA_VERSION),
+                "created": now_iso(),
+                "model_fingerprint": self.model_fingerprint,
+                "created_by": _package_version(),
+            }
+            con.execute("BEGIN")
+            con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            con.execute("COMMIT")
+            busy, log, done = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy or log != done:
+                raise JournalError(f"could not create the journal {str(self.path)!r}: its checkpoint did not "
+                                   f"complete ({done} of {log} pages); nothing was put in its place. Try again.")
+        finally:
+            con.close()
+
+    def _verify_new(self, tmp: Path) -> None:
+        """Read the new file back as a journal: everything in the main file (no WAL left), valid, ours."""
+        wal = Path(str(tmp) + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise JournalError(f"could not create the journal {str(self.path)!r}: the new file's write-ahead log was "
+                               "not checkpointed (a full disk?); nothing was put in its place. Free space and retry.")
+        probe = JournalFile(tmp, model_fingerprint=self.model_fingerprint, busy_timeout=self.busy)
+        try:
+            probe.check_header()
+            con = probe.connect(readonly=True)
+            try:
+                probe.validate(con, allow_other_model=False)
+            finally:
+                con.close()
+        except JournalError as e:
+            raise JournalError(f"could not create the journal {str(self.path)!r}: the new file did not read back "
+                               f"({e}); nothing was put in its place") from None
 
     # -------------------------------------------------------------------------------------------- validate
     def check_header(self) -> None:

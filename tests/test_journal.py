@@ -268,6 +268,66 @@ def test_other_model(filled: Path, sampler: ConfigSampler) -> None:
         assert len(j) == 1
 
 
+class _FullDiskConnection:
+    """A SQLite connection to a journal being created on a nearly full disk: its WAL cannot be checkpointed into
+    the main file. ``close()`` hides that (SQLite skips the checkpoint silently); an explicit checkpoint fails with
+    SQLITE_FULL, or (``lying``) reports success without doing it."""
+
+    def __init__(self, con: sqlite3.Connection, other: sqlite3.Connection, lying: bool) -> None:
+        self._con, self._other, self._lying = con, other, lying
+
+    def execute(self, sql: str, *args):
+        if "wal_checkpoint" in sql:
+            if self._lying:
+                return self._con.execute("SELECT 0, 0, 0")
+            raise sqlite3.OperationalError("database or disk is full")
+        cur = self._con.execute(sql, *args)
+        if "journal_mode" in sql:  # the other connection attaches in WAL mode: close() then cannot checkpoint
+            cur.fetchall()
+            self._other.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return cur
+
+    def __getattr__(self, name: str):
+        return getattr(self._con, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Creation's connections see a disk too full for the checkpoint: a second connection held open keeps
+    ``close()`` from checkpointing (as a failed checkpoint would), the explicit checkpoint fails."""
+    real = sqlite3.connect
+    held: list[sqlite3.Connection] = []
+    mode = {"full": True, "lying": False}
+
+    def connect(database, *args, **kwargs):
+        con = real(database, *args, **kwargs)
+        if not mode["full"] or not str(database).endswith(".new"):
+            return con
+        held.append(real(database))
+        return _FullDiskConnection(con, held[-1], mode["lying"])
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    yield mode
+    for con in held:
+        con.close()
+
+
+@pytest.mark.parametrize("lying", [False, True], ids=["checkpoint_fails", "checkpoint_silently_incomplete"])
+def test_creation_on_a_full_disk_links_nothing(tmp_path: Path, full_disk: dict, lying: bool) -> None:
+    """Issue 16, defect 5: a failed checkpoint was hidden by ``close()`` and a journal without its schema was linked
+    into place. Now: a clear error, no journal, no temporary file (the lock file alone stays, as always)."""
+    full_disk["lying"] = lying
+    path = tmp_path / "j.sqlite"
+    match = "disk is full.*nothing was put in its place.*Free some disk space" if not lying else \
+        "write-ahead log was not checkpointed.*nothing was put in its place"
+    with pytest.raises(JournalError, match=match):
+        _open(path, layer_names=NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.sqlite.lock"]
+    full_disk["full"] = False  # space freed: the same call creates the journal
+    with _open(path, layer_names=NAMES) as j:
+        assert len(j) == 0 and j.layer_names == NAMES
+
+
 # ------------------------------------------------------------------------------------------------- locking
 def test_second_writer_refused_reader_allowed(filled: Path, sampler: ConfigSampler) -> None:
     with _open(filled) as writer:
