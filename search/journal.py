@@ -35,6 +35,7 @@ from .journal_file import (
     JournalError,
     JournalFile,
     JournalLocked,
+    JournalReadOnly,
     RunInfo,
     now_iso,
     rollback,
@@ -42,8 +43,8 @@ from .journal_file import (
 from .sampling import config_key
 
 __all__ = [
-    "APPLICATION_ID", "JOURNAL_FORMAT", "SCHEMA_VERSION", "Journal", "JournalError", "JournalLocked", "Record",
-    "RunInfo",
+    "APPLICATION_ID", "JOURNAL_FORMAT", "SCHEMA_VERSION", "Journal", "JournalError", "JournalLocked",
+    "JournalReadOnly", "Record", "RunInfo",
 ]
 
 

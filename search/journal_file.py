@@ -8,6 +8,8 @@ beyond listing them. Safety rules, all here:
   empty journal; any failure (a full disk) removes the temporary file and says so.
 * an existing file is validated through a **read-only** connection (SQLite magic, ``PRAGMA quick_check``, format,
   schema version, model) before anything may write to it: a file that fails is left byte-for-byte untouched.
+* a journal on read-only media (or where this process may not write) is reported as read-only, never as corrupt;
+  read-only opens of a cleanly closed journal there work (SQLite's ``immutable`` mode: no WAL index to write).
 * one writer per journal file: an exclusive ``flock`` on the sidecar ``<journal>.lock`` (released by the OS when the
   process dies, even on kill -9; ``msvcrt`` byte lock on Windows; no lock where neither exists). Read-only opens
   (status, reports) take no lock and work while a search writes. The lock file is never deleted.
@@ -16,6 +18,7 @@ beyond listing them. Safety rules, all here:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -29,7 +32,7 @@ from pathlib import Path
 
 __all__ = [
     "APPLICATION_ID", "JOURNAL_FORMAT", "SCHEMA_VERSION", "JournalError", "JournalFile", "JournalLocked",
-    "RunInfo",
+    "JournalReadOnly", "RunInfo",
 ]
 
 JOURNAL_FORMAT = "qua2sedimo.journal"
@@ -79,6 +82,10 @@ class JournalLocked(JournalError):
     """Another process is writing the journal (its writer lock, or SQLite's lock beyond the busy timeout)."""
 
 
+class JournalReadOnly(JournalError):
+    """The journal cannot be written (or its WAL read) where it is: read-only media or permissions. It is intact."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """A run stored in a journal file."""
@@ -100,10 +107,30 @@ def is_busy(e: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_readonly_error(e: sqlite3.Error) -> bool:
+    text = str(e).lower()
+    return "readonly database" in text or "read-only" in text
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may write ``path`` (file or folder): ``access(2)``, which also sees read-only mounts and
+    immutable files (even for root)."""
+    return os.access(path, os.W_OK)
+
+
 def rollback(con: sqlite3.Connection) -> None:
     if con.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             con.execute("ROLLBACK")
+
+
+def read_only_message(journal: Path) -> str:
+    return (
+        f"journal {str(journal)!r} is read-only here (read-only media, or no write permission on the file or its "
+        "folder); it was left untouched and is not corrupt. To continue this search, copy it (with its -wal file, "
+        "if there is one) to a writable folder and use the copy; opening it read-only (status, reports) works in "
+        "place when it was closed cleanly."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- writer lock
@@ -119,6 +146,8 @@ class _WriterLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise JournalReadOnly(read_only_message(self.journal)) from None
             raise JournalError(
                 f"cannot create the writer lock {str(self.path)!r} ({e}); the journal's folder must be writable"
             ) from None
@@ -208,6 +237,8 @@ class JournalFile:
             if not path.exists():  # still missing now that we hold the writer lock
                 self.create()
         self.check_header()
+        if not readonly and not self.writable_here():
+            raise JournalReadOnly(read_only_message(path))
         con = self.connect(readonly=True)
         try:
             self.validate(con, allow_other_model)
@@ -232,8 +263,22 @@ class JournalFile:
             raise
         return con
 
+    def writable_here(self) -> bool:
+        """Whether this process can write the journal and create its sidecars (-wal, -shm, .lock) beside it."""
+        return writable(self.path) and writable(self.path.parent)
+
+    def _wal_pending(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return wal.exists() and wal.stat().st_size > 0
+
     def connect(self, readonly: bool) -> sqlite3.Connection:
-        uri = self.path.as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+        """A connection; read-only on read-only media with no unfinished WAL: ``immutable`` (SQLite would otherwise
+        have to create a WAL index beside the file, and fail)."""
+        mode = "?mode=rw"
+        if readonly:
+            immutable = not writable(self.path) and not writable(self.path.parent) and not self._wal_pending()
+            mode = "?mode=ro&immutable=1" if immutable else "?mode=ro"
+        uri = self.path.as_uri() + mode
         with self.sql("open the database"):
             return sqlite3.connect(uri, uri=True, timeout=self.busy, isolation_level=None, check_same_thread=False)
 
@@ -387,6 +432,13 @@ class JournalFile:
         except sqlite3.OperationalError as e:
             if is_busy(e):
                 raise self.locked_error() from None
+            if _is_readonly_error(e) or not self.writable_here():
+                raise JournalReadOnly(
+                    f"journal {where!r} cannot be read in place ({e}): it is on read-only media or in a folder this "
+                    "process cannot write, and SQLite must write beside a journal with unfinished changes (its -wal "
+                    "and -shm files) to read it. The file is intact, not corrupt: copy it (with its -wal file) to a "
+                    "writable folder and open the copy."
+                ) from None
             raise JournalError(f"journal {where!r} is corrupt or unreadable ({e}). {MOVE_ASIDE}") from None
         except sqlite3.DatabaseError as e:
             raise JournalError(f"journal {where!r} is corrupt or unreadable ({e}). {MOVE_ASIDE}") from None
@@ -428,6 +480,8 @@ class JournalFile:
         except sqlite3.OperationalError as e:
             if is_busy(e):
                 raise self.locked_error() from None
+            if _is_readonly_error(e):
+                raise JournalReadOnly(read_only_message(self.path)) from None
             raise JournalError(f"journal {str(self.path)!r}: could not {what} ({e})") from None
         except sqlite3.DatabaseError as e:
             raise JournalError(f"journal {str(self.path)!r}: could not {what} ({e})") from None
