@@ -322,8 +322,8 @@ class Preparation:
         """The prepared context (prepares now, once, if nobody did yet; other callers wait for it)."""
         with self._mu:
             if self._context is None:
-                def step(done: int, total: int, label: str = "") -> None:
-                    self.label = f"option table {done}/{total}"
+                def step(done: int, total: int, label: str = "") -> None:  # the FP reference comes next
+                    self.label = f"option table {done}/{total}" if done < total else "FP reference"
                     if progress is not None:
                         progress(done, total, label)
 
