@@ -82,7 +82,10 @@ def search_main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--ray-workers must be at least 1, got {args.ray_workers}")
     # The journal's writer lock first: a journal another search writes fails now, not after loading and preparing.
     journal = Path(args.journal).expanduser().resolve()
-    journal.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create the journal's folder {str(journal.parent)!r}: {e}") from None
     journal_file = JournalFile(journal)
     journal_file.acquire_lock()
     try:
