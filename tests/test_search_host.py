@@ -183,9 +183,12 @@ NODE_INPUTS = dict(objective="denoise_error", minutes=0.0, seed=0, steps=4, widt
 
 
 def _search_node(node_id: str):
+    """The Search node class as ComfyUI's executor hands it over: its hidden inputs set (on a copy)."""
+    from comfy_api.latest import io
+
     from qua2sedimo.nodes.search_nodes import Search
 
-    return Search.PREPARE_CLASS_CLONE({"UNIQUE_ID": node_id})
+    return type("Search", (Search,), {"hidden": io.HiddenHolder.from_dict({"UNIQUE_ID": node_id})})
 
 
 def _counting_preparation(monkeypatch, gate=None) -> list:
