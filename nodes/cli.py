@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..search.journal_file import JournalError, JournalFile
 from ..search.sampling import option_set
 from .comfy_boot import boot
 
@@ -107,6 +108,23 @@ def search_main(args: argparse.Namespace) -> dict:
         raise SystemExit("--model is required (or --diffusers <folder> for a diffusers model)")
     if args.class_labels is not None:
         raise SystemExit("--class-labels is for --diffusers models; ComfyUI models take --prompt or --conditioning")
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise SystemExit(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    # The journal's writer lock first: a journal another search writes fails now, not after loading and preparing.
+    journal = Path(args.journal).expanduser().resolve()
+    try:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create the journal's folder {str(journal.parent)!r}: {e}") from None
+    journal_file = JournalFile(journal)
+    journal_file.acquire_lock()
+    try:
+        return _search(args, journal_file)
+    finally:
+        journal_file.release_lock()  # idempotent: the journal released it already when it was opened
+
+
+def _search(args: argparse.Namespace, journal_file: JournalFile) -> dict:
     try:
         boot(args.comfy_dir, cpu=args.cpu, base_directory=args.base_directory)
     except ValueError as e:
@@ -129,40 +147,41 @@ def search_main(args: argparse.Namespace) -> dict:
                            steps=args.steps, cfg=args.cfg, width=args.width, height=args.height, options=option_set())
 
     def progress(done: int, total: int, label: str = "") -> None:
-        print(f"option table {done}/{total} {label}", file=sys.stderr, flush=True)
+        print(f"preparing: option table {done}/{total} {label}", file=sys.stderr, flush=True)
 
-    ctx = jobs.prepare(model, pos, neg, spec, progress=progress)
-    executor = None
-    if args.executor == "ray":
+    plan = jobs.plan(model, pos, neg, spec)
+    writer = jobs.open_writer(journal_file, plan.journal_kwargs)  # validated, holding the lock taken first
+    executors = []
+
+    def make_executor(ctx):
         from .search_remote import ray_executor
 
-        if args.ray_workers is not None and args.ray_workers < 1:
-            raise SystemExit(f"--ray-workers must be at least 1, got {args.ray_workers}")
-        executor = ray_executor(ctx, address=args.ray_address, workers=args.ray_workers,
-                                cpus_per_worker=args.ray_cpus_per_worker)
+        executors.append(ray_executor(ctx, address=args.ray_address, workers=args.ray_workers,
+                                      cpus_per_worker=args.ray_cpus_per_worker))
+        return executors[-1]
+
     job = jobs.SearchJob("cli")
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
-    journal = Path(args.journal).resolve()
-    journal.parent.mkdir(parents=True, exist_ok=True)
     try:
-        res = jobs.run_job(ctx, journal, max_configs=args.configs, max_seconds=args.minutes * 60 or None, job=job,
-                           on_progress=lambda p: print(p.text(), file=sys.stderr, flush=True), executor=executor)
+        res = jobs.run_job(jobs.Preparation(plan), writer, max_configs=args.configs,
+                           max_seconds=args.minutes * 60 or None, job=job,
+                           on_progress=lambda p: print(p.text(), file=sys.stderr, flush=True),
+                           make_executor=make_executor if args.executor == "ray" else None,
+                           prepare_progress=progress)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: everything evaluated so far is in the journal; run again to resume") from None
-    finally:
-        if executor is not None:
-            executor.close()
+    journal = journal_file.path
     summary = {"status": res.status, "done": res.done, "new": res.new, "seconds": round(res.seconds, 2),
-               "journal": str(journal), "objective": ctx.primary,
+               "journal": str(journal), "objective": plan.primary,
                "best": {"value": res.best.primary, "avg_bits": res.best.avg_bits, "idx": res.best.idx}
                if res.best else None,
                "timings": {k: round(v, 3) for k, v in res.timings.items()}, "executor": args.executor}
-    if executor is not None:
-        st = executor.stats
+    if executors:
+        st = executors[0].stats
         summary["ray"] = {"workers": len(st.workers), "actors_started": st.actors_started,
                           "actors_lost": st.actors_lost, "retries": st.retries}
     if args.export_jsonl:
-        with jobs.open_readonly(journal, ctx.journal_kwargs) as j:
+        with jobs.open_readonly(journal, plan.journal_kwargs) as j:
             summary["jsonl"] = str(j.export_jsonl(args.export_jsonl))
     return summary
 
@@ -170,5 +189,10 @@ def search_main(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "search":
-        print(json.dumps(search_main(args), indent=2))
+        try:
+            summary = search_main(args)
+        except JournalError as e:  # busy, corrupt, read-only, another model …: one line, no traceback
+            print(f"qua2sedimo search: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2))
     return 0

@@ -1,8 +1,12 @@
-"""Search jobs: prepare a model for the search (option table, FP trajectory states, weight swapper) and run
-:func:`search.runner.run_search` in a background thread, one job per journal run, re-attachable.
+"""Search jobs: plan a search (its journal run, at once), prepare the model for it (option table, FP trajectory
+states, weight swapper: seconds to minutes) and run :func:`search.runner.run_search`, in a background thread, one
+job per journal run, re-attachable.
 
-Used by the Search nodes and by the command line (``python -m qua2sedimo search``). ComfyUI internals are
-reached only through :mod:`.comfy_bridge`.
+Order of work: :func:`plan` (cheap: layers, fingerprint, settings, sampler) → the journal opened for writing (its
+writer lock: a busy journal fails here, in a second) → :class:`Preparation` (the expensive part, once) → the
+search. A background job does the last two in its thread, so the Search node returns at once and re-attaching or
+stopping never prepares. Used by the Search nodes and by the command line (``python -m qua2sedimo search``).
+ComfyUI internals are reached only through :mod:`.comfy_bridge`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from ..quant.layer_table import layers_fingerprint
 from ..quant.quantizers import QUANTIZER_VERSION
 from ..quant.swap import ConfigSwapper
 from ..search.journal import Journal
+from ..search.journal_file import JournalFile
 from ..search.objectives import DenoiseError, ImageDistance, StateRecorder, TrajectoryStates, states_cache_key
-from ..search.runner import Executor, SearchProgress, SearchResult, run_search
+from ..search.runner import Executor, SearchCancelled, SearchProgress, SearchResult, run_search
 from ..search.sampling import ConfigSampler, option_set
 from . import comfy_bridge as bridge
 
 OBJECTIVES = ("denoise_error", "image")
+PRIMARY = {"denoise_error": "denoise_error", "image": "image_nmse"}  # the value that ranks configs, per objective
 
 
 @dataclass(frozen=True)
@@ -230,8 +236,25 @@ def build_evaluate(model, positive, negative, spec: SearchSpec, table, reference
     return _Evaluate(model, swapper, objective), forward_once, primary, base
 
 
-def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:
-    """Option table (cached), FP reference (trajectory states or final latents, cached per spec), swapper."""
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a search is, known without preparing anything: its journal run, layers and sampler (no option table,
+    no FP sampling, no model load)."""
+
+    model: object  # the ComfyUI MODEL (ModelPatcher)
+    positive: list
+    negative: list
+    spec: SearchSpec
+    layers: list
+    sampler: ConfigSampler
+    fingerprint: str
+    settings: dict  # the spec's settings with the conditioning digest
+    journal_kwargs: dict
+    primary: str
+
+
+def plan(model, positive, negative, spec: SearchSpec) -> SearchPlan:
+    """Check the inputs and compute the search's journal run; fast (no option table, no sampling)."""
     check_conditioning(positive, "positive")
     check_conditioning(negative, "negative")
     dm = bridge.diffusion_model(model)
@@ -241,16 +264,78 @@ def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> Se
     bridge.empty_latent(model, spec.width, spec.height)  # a bad size fails here, not after the option table
     fingerprint = layers_fingerprint(layers)
     settings = spec.settings(conditioning_digest(positive, negative))
-    base, table = search_copy_and_table(model, spec.options, bridge.cache_dir(), progress=progress)
-    reference = make_reference(model, positive, negative, spec, fingerprint, settings)
-    evaluate, forward_once, primary, base = build_evaluate(model, positive, negative, spec, table, reference, base)
     sampler = ConfigSampler([la.name for la in layers], seed=spec.seed, options=spec.options, keep=spec.keep)
     journal_kwargs = dict(model_fingerprint=fingerprint, objective=spec.objective,
                           settings={**settings, "sampler": sampler.settings()},
                           layer_names=[la.name for la in layers])
-    return SearchContext(model, layers, sampler, evaluate, journal_kwargs, primary, table=table,
-                         search_dm=base.diffusion_model, forward_once=forward_once, spec=spec, positive=positive,
-                         negative=negative, reference=reference)
+    return SearchPlan(model, positive, negative, spec, layers, sampler, fingerprint, settings, journal_kwargs,
+                      PRIMARY[spec.objective])
+
+
+def prepare_plan(p: SearchPlan, *, progress=None) -> SearchContext:
+    """Option table (cached), FP reference (trajectory states or final latents, cached per spec), swapper."""
+    base, table = search_copy_and_table(p.model, p.spec.options, bridge.cache_dir(), progress=progress)
+    reference = make_reference(p.model, p.positive, p.negative, p.spec, p.fingerprint, p.settings)
+    evaluate, forward_once, primary, base = build_evaluate(p.model, p.positive, p.negative, p.spec, table, reference,
+                                                           base)
+    return SearchContext(p.model, p.layers, p.sampler, evaluate, p.journal_kwargs, primary, table=table,
+                         search_dm=base.diffusion_model, forward_once=forward_once, spec=p.spec, positive=p.positive,
+                         negative=p.negative, reference=reference)
+
+
+def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:
+    """:func:`plan` and :func:`prepare_plan` in one call."""
+    return prepare_plan(plan(model, positive, negative, spec), progress=progress)
+
+
+class Preparation:
+    """The expensive part of a search, done once on first use (by the search job, or a report) and shared.
+
+    ``label`` says what it is doing while it prepares (for status text).
+    """
+
+    def __init__(self, p: SearchPlan | None = None, *, context: SearchContext | None = None) -> None:
+        if (p is None) == (context is None):
+            raise TypeError("Preparation needs a SearchPlan or a prepared SearchContext")
+        self.plan = p
+        self._context = context
+        self._mu = threading.Lock()
+        self.label = ""
+
+    @property
+    def journal_kwargs(self) -> dict:
+        return self._context.journal_kwargs if self.plan is None else self.plan.journal_kwargs
+
+    @property
+    def primary(self) -> str:
+        return self._context.primary if self.plan is None else self.plan.primary
+
+    @property
+    def ready(self) -> bool:
+        return self._context is not None
+
+    @property
+    def model(self) -> object:
+        return self._context.model if self.plan is None else self.plan.model
+
+    def context(self, progress: Callable[..., None] | None = None) -> SearchContext:
+        """The prepared context (prepares now, once, if nobody did yet; other callers wait for it)."""
+        with self._mu:
+            if self._context is None:
+                def step(done: int, total: int, label: str = "") -> None:  # the FP reference comes next
+                    self.label = f"option table {done}/{total}" if done < total else "FP reference"
+                    if progress is not None:
+                        progress(done, total, label)
+
+                try:
+                    self._context = prepare_plan(self.plan, progress=step)
+                finally:
+                    self.label = ""
+            return self._context
+
+
+def as_preparation(source: SearchContext | Preparation) -> Preparation:
+    return source if isinstance(source, Preparation) else Preparation(context=source)
 
 
 def _record_positive(rec: StateRecorder, a: dict, out: torch.Tensor) -> None:
@@ -281,14 +366,21 @@ def open_readonly(journal: str | Path, journal_kwargs: dict) -> Journal:
 
 @dataclass(frozen=True)
 class SearchHandle:
-    """What flows along a SEARCH socket: where the journal run is (read it with :meth:`open`)."""
+    """What flows along a SEARCH socket: where the journal run is (read it with :meth:`open`); in-process, the
+    prepared search (:attr:`context`, prepared on first use when the job has not done it yet)."""
 
     journal: str
     journal_kwargs: dict
     primary: str
     job_key: str
     target: int | None = None  # the configs budget the Search node was given
-    context: SearchContext | None = field(default=None, compare=False, repr=False)  # in-process only
+    prepared: SearchContext | Preparation | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def context(self) -> SearchContext | None:
+        if isinstance(self.prepared, Preparation):
+            return self.prepared.context()
+        return self.prepared
 
     def open(self) -> Journal:
         return open_readonly(self.journal, self.journal_kwargs)
@@ -298,14 +390,16 @@ class SearchHandle:
 
 
 class SearchJob:
-    """One search running in a daemon thread; ``stop()`` makes it finish after the evaluation in flight."""
+    """One search running in a daemon thread; ``stop()`` makes it finish after the evaluation in flight (or at the
+    next step of its preparation)."""
 
     def __init__(self, key: str):
         self.key = key
-        self.status = "starting"
+        self.status = "starting"  # starting, preparing, running, then done / time / cancelled / failed
         self.progress: SearchProgress | None = None
         self.result: SearchResult | None = None
         self.error: str | None = None
+        self.preparation: Preparation | None = None
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -322,6 +416,15 @@ class SearchJob:
     def wait(self, timeout: float | None = None) -> None:
         if self.thread is not None:
             self.thread.join(timeout)
+
+    def state_text(self) -> str:
+        """The job's state for status text: ``preparing (option table 3/20) …`` while it prepares."""
+        if self.stopped() and self.running:
+            return "stopping (after the evaluation in flight) …"
+        if self.status == "preparing":
+            label = self.preparation.label if self.preparation is not None else ""
+            return f"preparing ({label}) …" if label else "preparing …"
+        return self.status
 
 
 JOBS: dict[str, SearchJob] = {}
@@ -344,57 +447,100 @@ def done_count(journal: Path, journal_kwargs: dict) -> int:
         return 0
 
 
-def run_job(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
-            job: SearchJob, on_progress: Callable[[SearchProgress], None] | None = None,
-            cancel: Callable[[], bool] | None = None, executor: Executor | None = None) -> SearchResult:
-    """Run the search to its budget (in this thread), recording status on ``job``; ``executor`` evaluates
-    (default: here, in-process; see :func:`.search_remote.ray_executor`)."""
-    job.status = "running"
+def open_writer(journal: str | Path | JournalFile | Journal, journal_kwargs: dict) -> Journal:
+    """The journal run opened for writing: its writer lock is taken here (:class:`JournalLocked` at once when
+    another search writes the file), before anything is prepared. An open journal is passed through."""
+    return journal if isinstance(journal, Journal) else Journal.open(journal, **journal_kwargs)
+
+
+def run_job(source: SearchContext | Preparation, journal: str | Path | Journal, *, max_configs: int | None,
+            max_seconds: float | None, job: SearchJob, on_progress: Callable[[SearchProgress], None] | None = None,
+            cancel: Callable[[], bool] | None = None, executor: Executor | None = None,
+            make_executor: Callable[[SearchContext], Executor] | None = None,
+            prepare_progress: Callable[..., None] | None = None) -> SearchResult:
+    """Run the search to its budget (in this thread), recording status on ``job``: the journal first (writer lock),
+    then the preparation when ``source`` is not prepared yet, then the evaluations. ``executor`` evaluates
+    (default: here, in-process), or ``make_executor(ctx)`` makes one once prepared (closed at the end; see
+    :func:`.search_remote.ray_executor`). ``journal`` may be a journal already opened for writing (it is closed)."""
+    prep = as_preparation(source)
+    job.preparation = prep
+    stopped = lambda: job.stopped() or (cancel is not None and cancel())  # noqa: E731
 
     def progress(p: SearchProgress) -> None:
         job.progress = p
         if on_progress is not None:
             on_progress(p)
 
+    def preparing(done: int, total: int, label: str = "") -> None:
+        if stopped():
+            raise SearchCancelled("stopped while preparing")
+        if prepare_progress is not None:
+            prepare_progress(done, total, label)
+
+    made = None
     try:
-        with Journal.open(journal, **ctx.journal_kwargs) as j:
+        with open_writer(journal, prep.journal_kwargs) as j:
+            t0 = time.perf_counter()
+            if not prep.ready:
+                job.status = "preparing"
+            try:
+                ctx = prep.context(progress=preparing)
+            except SearchCancelled:
+                done = len(j.done_indices())
+                res = SearchResult("cancelled", done, 0, time.perf_counter() - t0, None, {})
+                job.result, job.status = res, res.status
+                return res
+            if executor is None and make_executor is not None:
+                executor = made = make_executor(ctx)
+            job.status = "running"
             res = run_search(j, ctx.sampler, ctx.evaluate, ctx.layers, primary=ctx.primary, max_configs=max_configs,
-                             max_seconds=max_seconds, progress=progress,
-                             cancel=lambda: job.stopped() or (cancel is not None and cancel()),
-                             executor=executor)
+                             max_seconds=max_seconds, progress=progress, cancel=stopped, executor=executor)
         job.result, job.status = res, res.status
         return res
     except BaseException as e:
         job.status, job.error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
         raise
+    finally:
+        close = getattr(made, "close", None)
+        if close is not None:
+            close()
 
 
-def start_background(ctx: SearchContext, journal: Path, *, max_configs: int | None, max_seconds: float | None,
-                     on_progress: Callable[[SearchProgress], None] | None = None,
-                     executor: Callable[[], Executor] | None = None) -> SearchJob:
-    """Start the job for this journal run, or return the one already running (re-attach)."""
-    key = job_key(journal, ctx.journal_kwargs)
+def start_background(source: SearchContext | Preparation, journal: Path, *, max_configs: int | None,
+                     max_seconds: float | None, on_progress: Callable[[SearchProgress], None] | None = None,
+                     executor: Callable[[SearchContext], Executor] | None = None,
+                     prepare_progress: Callable[..., None] | None = None) -> SearchJob:
+    """Start the job for this journal run, or return the one already running (re-attach: nothing is prepared).
+
+    The journal is opened for writing here, in the caller's thread (a busy journal fails at once); the preparation
+    and the search run in the job's thread. ``executor(ctx)`` makes the executor once prepared (default:
+    in-process)."""
+    prep = as_preparation(source)
+    key = job_key(journal, prep.journal_kwargs)
     with _JOBS_LOCK:
         job = JOBS.get(key)
         if job is not None and job.running:
             return job
+        writer = open_writer(journal, prep.journal_kwargs)
         job = SearchJob(key)
-        JOBS[key] = job
+        job.preparation = prep
+        job.status = "starting" if prep.ready else "preparing"
 
         def target() -> None:
-            ex = None
             try:
-                ex = executor() if executor is not None else None
-                run_job(ctx, journal, max_configs=max_configs, max_seconds=max_seconds, job=job,
-                        on_progress=on_progress, executor=ex)
+                run_job(prep, writer, max_configs=max_configs, max_seconds=max_seconds, job=job,
+                        on_progress=on_progress, make_executor=executor, prepare_progress=prepare_progress)
             except BaseException as e:  # recorded on the job; the Status node shows it
                 if job.error is None:
                     job.status, job.error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
             finally:
-                close = getattr(ex, "close", None)
-                if close is not None:
-                    close()
+                job.preparation = None  # a finished job keeps no model copy or table alive
 
         job.thread = threading.Thread(target=target, name=f"qua2sedimo-search-{key}", daemon=True)
-        job.thread.start()
+        try:
+            job.thread.start()
+        except BaseException:
+            writer.close()
+            raise
+        JOBS[key] = job
     return job

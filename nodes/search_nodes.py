@@ -23,6 +23,7 @@ MODES = ["background", "wait", "stop"]
 # reaches it; a new seed is a new run.
 SEED_TOOLTIP = "fixed: queueing again re-attaches to the same run (and 'stop' reaches it); change it for a new run"
 EXECUTORS = ["in-process", "ray"]
+STOP_WAIT_S = 5.0  # 'stop' returns after this at most; a job still finishing its evaluation shows "stopping"
 
 
 RAY_ADDRESSES_ENV = "QUA2SEDIMO_RAY_ADDRESSES"
@@ -45,13 +46,29 @@ def allowed_ray_address(address: str) -> str | None:
     return address
 
 
-def _executor_factory(ctx: jobs.SearchContext, executor: str, address: str | None, workers: int):
-    """``None`` (in-process) or a function that starts the Ray executor for ``ctx`` (in the job's thread)."""
+def _executor_factory(executor: str, address: str | None, workers: int):
+    """``None`` (in-process) or a function that starts the Ray executor for a prepared search (in the job's
+    thread, once prepared)."""
     if executor != "ray":
         return None
     from .search_remote import ray_executor
 
-    return lambda: ray_executor(ctx, address=address, workers=workers or None)
+    return lambda ctx: ray_executor(ctx, address=address, workers=workers or None)
+
+
+_PREPARED: dict[str, jobs.Preparation] = {}  # the latest preparation (one: it holds a table and a model copy)
+
+
+def _preparation(p: jobs.SearchPlan, key: str) -> jobs.Preparation:
+    """The search's preparation: the running or last job's, or the last one made for this MODEL, or a new one
+    (prepared lazily: by the job, or by a report that needs it)."""
+    job = jobs.JOBS.get(key)
+    found = [prep for prep in (job.preparation if job is not None else None, _PREPARED.get(key))
+             if prep is not None and prep.model is p.model]
+    prep = found[0] if found else jobs.Preparation(p)
+    _PREPARED.clear()
+    _PREPARED[key] = prep
+    return prep
 
 
 def _journal_path(name: str):
@@ -134,30 +151,28 @@ class Search(io.ComfyNode):
         if executor == "ray":
             address = allowed_ray_address(ray_address)  # before anything is prepared or contacted
             import_ray()  # a clear error before any preparation when Ray is missing
-        ctx = jobs.prepare(model, positive, negative, spec, progress=bridge.Progress(node_id))
-        make_executor = _executor_factory(ctx, executor, address, ray_workers)
-        key = jobs.job_key(path, ctx.journal_kwargs)
-        handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, key, configs, ctx)
+        # Nothing is prepared here unless this run is a 'wait' one: the plan is fast, re-attach and stop are instant,
+        # and a background job prepares in its own thread after taking the journal's writer lock.
+        plan = jobs.plan(model, positive, negative, spec)
+        key = jobs.job_key(path, plan.journal_kwargs)
+        prep = _preparation(plan, key)
+        handle = jobs.SearchHandle(str(path), plan.journal_kwargs, plan.primary, key, configs, prep)
+        make_executor = _executor_factory(executor, address, ray_workers)
         max_seconds = minutes * 60 if minutes > 0 else None
         job = jobs.JOBS.get(key)
         if mode == "stop":
             if job is not None and job.running:
                 job.stop()
-                job.wait(600)
+                job.wait(STOP_WAIT_S)  # the evaluation in flight or the preparation's step: "stopping" if longer
         elif mode == "wait":
             if job is not None and job.running:
                 raise ValueError("this search is running in the background: use mode 'stop' first, or 'background' "
                                  "to watch it")
             bar = bridge.progress_bar(node_id, configs)
             job = jobs.SearchJob(key)
-            ex = make_executor() if make_executor is not None else None
-            try:
-                jobs.run_job(ctx, path, max_configs=configs, max_seconds=max_seconds, job=job,
-                             on_progress=lambda p: bar.update_absolute(p.done, configs),
-                             cancel=bridge.interrupted, executor=ex)
-            finally:
-                if ex is not None:
-                    ex.close()
+            jobs.run_job(prep, path, max_configs=configs, max_seconds=max_seconds, job=job,
+                         on_progress=lambda p: bar.update_absolute(p.done, configs), cancel=bridge.interrupted,
+                         make_executor=make_executor, prepare_progress=bridge.Progress(node_id))
             if job.status == "cancelled":
                 bridge.raise_if_interrupted()
         else:
@@ -165,9 +180,14 @@ class Search(io.ComfyNode):
                 bridge.progress_bar(node_id, configs).update_absolute(p.done, configs)
                 bridge.send_event("qua2sedimo.search", {"node": node_id, "journal": str(path), "text": p.text()})
 
-            if (job is not None and job.running) or jobs.done_count(path, ctx.journal_kwargs) < configs:
-                job = jobs.start_background(ctx, path, max_configs=configs, max_seconds=max_seconds,
-                                            on_progress=on_progress, executor=make_executor)
+            def on_prepare(done: int, total: int, label: str = "") -> None:
+                bridge.send_event("qua2sedimo.search", {"node": node_id, "journal": str(path),
+                                                        "text": f"preparing: option table {done}/{total}"})
+
+            if (job is not None and job.running) or jobs.done_count(path, plan.journal_kwargs) < configs:
+                job = jobs.start_background(prep, path, max_configs=configs, max_seconds=max_seconds,
+                                            on_progress=on_progress, executor=make_executor,
+                                            prepare_progress=on_prepare)
         text = _status(handle, configs)
         return io.NodeOutput(handle, text, ui=ui.PreviewText(text))
 
@@ -185,7 +205,7 @@ def _status(handle: jobs.SearchHandle, target: int | None = None, records: list 
     job = handle.job()
     records = _records(handle) if records is None else records
     n_random = sum(r.idx is not None for r in records)
-    state = job.status if job is not None else "idle"
+    state = job.state_text() if job is not None else "idle"
     if target and n_random >= target and not (job is not None and job.running):
         state = "done"
     text = status_text(records, objective=handle.primary, target=target, state=state)

@@ -1,22 +1,14 @@
-"""The search journal: every evaluated configuration, in SQLite (WAL), keyed by model and objective settings.
+"""The search journal's runs: every evaluated configuration, keyed by model and objective settings.
 
-One journal file belongs to **one model** (its layer-table fingerprint) and holds one or more **runs**; a run is
-keyed by ``(model fingerprint, objective, settings)`` — e.g. the same model under two objectives is two runs in one
-file. Opening a file made for another model fails (``allow_other_model=True`` adds the other model's runs anyway).
-Re-opening with the same key resumes the run: :meth:`Journal.done_indices` tells which sampler indices are done.
+One journal file (:mod:`.journal_file`: creation, validation, the writer lock) belongs to **one model** (its
+layer-table fingerprint) and holds one or more **runs**; a run is keyed by ``(model fingerprint, objective,
+settings)`` — e.g. the same model under two objectives is two runs in one file. Opening a file made for another
+model fails (``allow_other_model=True`` adds the other model's runs anyway). Re-opening with the same key resumes
+the run: :meth:`Journal.done_indices` tells which sampler indices are done.
 
-Durability and safety:
-
-* every :meth:`Journal.add` is one transaction (``BEGIN IMMEDIATE … COMMIT``) in WAL mode with
-  ``synchronous=FULL``: a committed evaluation survives kill -9 *and* power loss; the fsync per commit is noise next
-  to an evaluation's seconds. A kill at any moment loses at most the evaluation in flight.
-* a new file is built under a temporary name and hard-linked into place, so the journal path either does not
-  exist or holds a complete, empty journal.
-* an existing file is validated through a **read-only** connection (SQLite magic, ``PRAGMA quick_check``, format,
-  schema version, model) before anything may write to it: a file that fails is left byte-for-byte untouched.
-* one writer per journal file: an exclusive ``flock`` on the sidecar ``<journal>.lock`` (released by the OS when the
-  process dies, even on kill -9; ``msvcrt`` byte lock on Windows; no lock where neither exists). Read-only opens
-  (status, reports) take no lock and work while a search writes. The lock file is never deleted.
+Every :meth:`Journal.add` is one transaction (``BEGIN IMMEDIATE … COMMIT``) in WAL mode with ``synchronous=FULL``:
+a committed evaluation survives kill -9 *and* power loss; the fsync per commit is noise next to an evaluation's
+seconds. A kill at any moment loses at most the evaluation in flight.
 """
 
 from __future__ import annotations
@@ -27,68 +19,33 @@ import json
 import math
 import operator
 import os
-import socket
 import sqlite3
-import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..quant.atomic import atomic_path
 from ..quant.options import parse_option
+from .journal_file import (
+    APPLICATION_ID,
+    JOURNAL_FORMAT,
+    SCHEMA_VERSION,
+    JournalError,
+    JournalFile,
+    JournalLocked,
+    JournalReadOnly,
+    RunInfo,
+    now_iso,
+    rollback,
+)
 from .sampling import config_key
 
-__all__ = ["JOURNAL_FORMAT", "SCHEMA_VERSION", "Journal", "JournalError", "JournalLocked", "Record", "RunInfo"]
-
-JOURNAL_FORMAT = "qua2sedimo.journal"
-SCHEMA_VERSION = 1
-APPLICATION_ID = 0x51325344  # "Q2SD" in the SQLite header: a journal is recognisable without reading tables
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_MOVE_ASIDE = "The file was left untouched; move it aside (or choose another journal path) to start a new journal."
-
-_SCHEMA = f"""
-PRAGMA application_id = {APPLICATION_ID};
-BEGIN;
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY,
-    run_key TEXT NOT NULL UNIQUE,
-    model_fingerprint TEXT NOT NULL,
-    objective TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    layer_names TEXT,
-    created REAL NOT NULL
-);
-CREATE TABLE evals (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs (id),
-    idx INTEGER CHECK (idx IS NULL OR idx >= 0),
-    config_key TEXT NOT NULL,
-    options TEXT NOT NULL,
-    avg_bits REAL NOT NULL,
-    nbytes INTEGER NOT NULL,
-    objective_values TEXT NOT NULL,
-    primary_value REAL,
-    timings TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL,
-    UNIQUE (run_id, config_key)
-);
-CREATE UNIQUE INDEX evals_run_idx ON evals (run_id, idx) WHERE idx IS NOT NULL;
-COMMIT;
-"""
-
-
-class JournalError(ValueError):
-    """A journal that cannot be used as asked (missing, corrupt, foreign, too new, another model, locked, …)."""
-
-
-class JournalLocked(JournalError):
-    """Another process is writing the journal (its writer lock, or SQLite's lock beyond the busy timeout)."""
+__all__ = [
+    "APPLICATION_ID", "JOURNAL_FORMAT", "SCHEMA_VERSION", "Journal", "JournalError", "JournalLocked",
+    "JournalReadOnly", "Record", "RunInfo",
+]
 
 
 @dataclass(frozen=True)
@@ -123,27 +80,11 @@ class Record:
         }
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """A run stored in a journal file."""
-
-    id: int
-    model_fingerprint: str
-    objective: str
-    settings: dict
-    created: float
-    n_evals: int
-
-
 def _canonical(obj: object, what: str) -> str:
     try:
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serializable with finite numbers ({e})") from None
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _float_map(values: object, what: str) -> dict[str, float]:
@@ -160,79 +101,6 @@ def _float_map(values: object, what: str) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- writer lock
-class _WriterLock:
-    """Exclusive advisory lock on ``<journal>.lock``; the OS drops it when the holder dies."""
-
-    def __init__(self, journal: Path) -> None:
-        self.path = journal.with_name(journal.name + ".lock")
-        self.journal = journal
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise JournalError(
-                f"cannot create the writer lock {str(self.path)!r} ({e}); the journal's folder must be writable"
-            ) from None
-        try:
-            locked = self._try_lock(fd)
-        except OSError:
-            holder = self._holder()
-            os.close(fd)
-            raise JournalLocked(
-                f"journal {str(self.journal)!r} is being written by another process ({holder}): another search "
-                "may be running on it. Stop it or wait for it to finish; opening read-only works meanwhile."
-            ) from None
-        if not locked:
-            warnings.warn(
-                f"no file locking on this platform: make sure only one search writes {str(self.journal)!r}",
-                stacklevel=3,
-            )
-        self.fd = fd
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso()}
-        with contextlib.suppress(OSError):  # only for the message a second writer gets
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, json.dumps(info).encode())
-
-    @staticmethod
-    def _try_lock(fd: int) -> bool:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise
-            except OSError:  # e.g. ENOLCK / EOPNOTSUPP on some network file systems: no lock to be had
-                return False
-            return True
-        try:
-            import msvcrt
-        except ImportError:
-            return False
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        return True
-
-    def _holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
-            return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        with contextlib.suppress(OSError):
-            os.close(fd)  # closing the last descriptor drops flock / msvcrt locks
-
-
 # ---------------------------------------------------------------------------------------------------- journal
 class Journal:
     """A run of a journal file: add evaluated configs, list them, resume, export. Use :meth:`Journal.open`."""
@@ -244,7 +112,7 @@ class Journal:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | JournalFile,
         *,
         model_fingerprint: str,
         objective: str,
@@ -261,6 +129,8 @@ class Journal:
         lock, no writes, the run must exist. ``layer_names``: when given, every added config must cover exactly these
         layers (they are stored with a new run and checked against a stored list). ``busy_timeout``: seconds to wait
         for SQLite's lock before failing with :class:`JournalLocked`. Raises :class:`JournalError` otherwise.
+        ``path`` may be a :class:`JournalFile` whose writer lock the caller took first (taken over: closing the
+        journal releases it).
         """
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
             raise ValueError("model_fingerprint must be a non-empty string (e.g. layers_fingerprint(layers))")
@@ -273,14 +143,16 @@ class Journal:
             names = list(layer_names)
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
                 raise ValueError("layer_names must be a non-empty list of distinct layer names")
-        path = Path(path).expanduser().absolute()
         self = object.__new__(cls)
-        self._path = path
+        if isinstance(path, JournalFile):
+            self._file = path
+            self._file.model_fingerprint, self._file.busy = model_fingerprint, float(busy_timeout)
+        else:
+            self._file = JournalFile(path, model_fingerprint=model_fingerprint, busy_timeout=busy_timeout)
+        self._path = self._file.path
         self._readonly = bool(readonly)
-        self._busy = float(busy_timeout)
         self._mu = threading.RLock()
         self._con = None
-        self._lock = None
         self.model_fingerprint = model_fingerprint
         self.objective = objective
         self.settings = json.loads(settings_json)
@@ -295,175 +167,18 @@ class Journal:
         return self
 
     def _open(self, *, create: bool, allow_other_model: bool, names: list[str] | None, settings_json: str) -> None:
-        path = self._path
-        if not path.exists():
-            if self._readonly or not create:
-                raise JournalError(f"no journal at {str(path)!r} (check the path, or open with create=True)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = _WriterLock(path)
-            self._lock.acquire()
-            if not path.exists():  # still missing now that we hold the writer lock
-                self._create_file()
-        self._check_header()
-        con = self._connect(readonly=True)
-        try:
-            self._validate(con, allow_other_model)
-        except BaseException:
-            con.close()
-            raise
-        if self._readonly:
-            self._con = con
-        else:
-            con.close()
-            if self._lock is None:
-                self._lock = _WriterLock(path)
-                self._lock.acquire()
-            self._con = self._connect(readonly=False)
+        self._con = self._file.open(create=create, readonly=self._readonly, allow_other_model=allow_other_model)
         with self._sql("open the run"):
-            self._con.execute("PRAGMA foreign_keys = ON")
-            if not self._readonly:
-                if self._con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    self._con.execute("PRAGMA journal_mode = WAL")
-                self._con.execute("PRAGMA synchronous = FULL")
             self._bind_run(names, settings_json, create)
-
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
-        uri = self._path.as_uri() + ("?mode=ro" if readonly else "?mode=rw")
-        with self._sql("open the database"):
-            return sqlite3.connect(
-                uri, uri=True, timeout=self._busy, isolation_level=None, check_same_thread=False
-            )
-
-    def _create_file(self) -> None:
-        """Build an empty journal under a temporary name, then link it into place (never a half-made journal)."""
-        path = self._path
-        for stale in path.parent.iterdir():  # left by a creator that died (we hold the lock, so none is live)
-            if stale.name.startswith(f".{path.name}.") and stale.name.endswith((".new", ".new-wal", ".new-shm")):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            con = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                con.execute("PRAGMA journal_mode = WAL")
-                con.executescript(_SCHEMA)
-                meta = {
-                    "format": JOURNAL_FORMAT,
-                    "schema_version": str(SCHEMA_VERSION),
-                    "created": _now_iso(),
-                    "model_fingerprint": self.model_fingerprint,
-                    "created_by": _package_version(),
-                }
-                con.execute("BEGIN")
-                con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
-                con.execute("COMMIT")
-            finally:
-                con.close()  # checkpoints and removes the WAL: everything is in the main file
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise JournalError(f"{str(path)!r} appeared while creating a journal there; open it again") from None
-            except OSError:  # no hard links on this file system: rename (we hold the writer lock)
-                if path.exists():
-                    raise JournalError(f"{str(path)!r} appeared while creating a journal; open it again") from None
-                os.replace(tmp, path)
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(str(tmp) + suffix)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def _check_header(self) -> None:
-        """Before SQLite opens the file: is it a regular file with the SQLite magic?"""
-        path = self._path
-        where = str(path)
-        if not path.is_file():
-            raise JournalError(f"{where!r} is not a regular file; choose a file path for the journal")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(100)
-        except OSError as e:
-            raise JournalError(f"cannot read journal {where!r}: {e}") from None
-        if not head.startswith(_SQLITE_MAGIC) or len(head) < 100:
-            what = "is empty" if not head else "is not a SQLite database (wrong header)"
-            raise JournalError(f"{where!r} {what}, so it is not a Qua2SeDiMo journal. {_MOVE_ASIDE}")
-        # SQLite reads missing bytes as zeros, so a cut-off file can pass quick_check: check the size first.
-        page = int.from_bytes(head[16:18], "big")
-        page = 65536 if page == 1 else page
-        size = path.stat().st_size
-        header_pages = int.from_bytes(head[28:32], "big")
-        header_size_valid = head[24:28] == head[92:96]
-        wal = path.with_name(path.name + "-wal")
-        wal_pending = wal.exists() and wal.stat().st_size > 0  # a checkpoint may be under way: sizes may lag
-        if page < 512 or page & (page - 1) or size % page or (
-            header_size_valid and not wal_pending and header_pages * page > size
-        ):
-            raise JournalError(
-                f"journal {where!r} is truncated or corrupt ({size} bytes, pages of {page} bytes). {_MOVE_ASIDE}"
-            )
-
-    def _validate(self, con: sqlite3.Connection, allow_other_model: bool) -> None:
-        """Read-only checks of an existing file through ``con``; raises before anything could write to it."""
-        where = str(self._path)
-        try:
-            problems = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise JournalError(
-                    f"journal {where!r} is corrupt (SQLite quick_check: {'; '.join(problems[:3])}). {_MOVE_ASIDE}"
-                )
-            app_id = con.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            meta: dict[str, str] = {}
-            if app_id == APPLICATION_ID and "meta" in tables:
-                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.OperationalError as e:
-            if _is_busy(e):
-                raise self._locked_error() from None
-            raise JournalError(f"journal {where!r} is corrupt or unreadable ({e}). {_MOVE_ASIDE}") from None
-        except sqlite3.DatabaseError as e:
-            raise JournalError(f"journal {where!r} is corrupt or unreadable ({e}). {_MOVE_ASIDE}") from None
-        if meta.get("format") != JOURNAL_FORMAT or app_id != APPLICATION_ID:
-            found = f"format {meta['format']!r}" if "format" in meta else "no journal metadata in its header"
-            raise JournalError(
-                f"{where!r} is a SQLite database but not a Qua2SeDiMo journal ({found}; another program's file?). "
-                + _MOVE_ASIDE
-            )
-        try:
-            version = int(meta.get("schema_version", ""))
-        except ValueError:
-            raise JournalError(f"journal {where!r} has no valid schema version. {_MOVE_ASIDE}") from None
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"journal {where!r} was written by a newer release (schema {version}; this one reads up to "
-                f"{SCHEMA_VERSION}). Update the node pack to continue this search; the file was left untouched."
-            )
-        if version < 1 or not {"runs", "evals"} <= tables:
-            raise JournalError(f"journal {where!r} is incomplete (schema {version}, tables missing). {_MOVE_ASIDE}")
-        with self._sql("read the runs"):
-            models = [r[0] for r in con.execute("SELECT DISTINCT model_fingerprint FROM runs")]
-        owner = meta.get("model_fingerprint", "")
-        if self.model_fingerprint not in {owner, *models} and not allow_other_model:
-            raise JournalError(
-                f"journal {where!r} belongs to another model (fingerprint {owner}; this model is "
-                f"{self.model_fingerprint}). The file was left untouched: use another journal file for this model, "
-                "or pass allow_other_model=True to keep both models' runs in it."
-            )
 
     def _bind_run(self, names: list[str] | None, settings_json: str, create: bool) -> None:
         con = self._con
         row = con.execute("SELECT id, layer_names FROM runs WHERE run_key = ?", (self._run_key,)).fetchone()
         if row is None:
             if self._readonly or not create:
-                runs = ", ".join(f"{r.objective} {json.dumps(r.settings, sort_keys=True)}" for r in self._runs(con))
+                runs = ", ".join(
+                    f"{r.objective} {json.dumps(r.settings, sort_keys=True)}" for r in JournalFile.read_runs(con)
+                )
                 raise JournalError(
                     f"journal {str(self._path)!r} has no run for objective {self.objective!r} with these settings "
                     f"and this model (runs there: {runs or 'none'})"
@@ -478,7 +193,7 @@ class Journal:
                 )
                 con.execute("COMMIT")
             except BaseException:
-                _rollback(con)
+                rollback(con)
                 raise
             self._run_id = int(cur.lastrowid)
             self._names = names
@@ -495,35 +210,13 @@ class Journal:
         self._names = names if names is not None else stored
 
     # ------------------------------------------------------------------------------------------- helpers
-    @contextlib.contextmanager
-    def _sql(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            if _is_busy(e):
-                raise self._locked_error() from None
-            raise JournalError(f"journal {str(self._path)!r}: could not {what} ({e})") from None
-        except sqlite3.DatabaseError as e:
-            raise JournalError(f"journal {str(self._path)!r}: could not {what} ({e})") from None
-
-    def _locked_error(self) -> JournalLocked:
-        return JournalLocked(
-            f"journal {str(self._path)!r} stayed locked by another process for {self._busy:g} s: another search may "
-            "be running on it. Wait for it or stop it (reading it read-only works meanwhile)."
-        )
+    def _sql(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return self._file.sql(what)
 
     def _check_open(self) -> sqlite3.Connection:
         if self._con is None:
             raise JournalError(f"journal {str(self._path)!r} is closed")
         return self._con
-
-    @staticmethod
-    def _runs(con: sqlite3.Connection) -> list[RunInfo]:
-        rows = con.execute(
-            "SELECT r.id, r.model_fingerprint, r.objective, r.settings, r.created, "
-            "(SELECT COUNT(*) FROM evals e WHERE e.run_id = r.id) FROM runs r ORDER BY r.id"
-        ).fetchall()
-        return [RunInfo(int(i), fp, obj, json.loads(s), float(c), int(n)) for i, fp, obj, s, c, n in rows]
 
     # ---------------------------------------------------------------------------------------------- API
     @property
@@ -618,14 +311,14 @@ class Journal:
                 )
                 con.execute("COMMIT")
             except sqlite3.IntegrityError:
-                _rollback(con)
+                rollback(con)
                 raise JournalError(
                     f"journal {str(self._path)!r}: sampler index {idx} is already recorded with another config; "
                     "the sampler settings changed since the run started: put them into the run settings or use "
                     "a new run"
                 ) from None
             except BaseException:
-                _rollback(con)
+                rollback(con)
                 raise
             return int(cur.lastrowid)
 
@@ -687,7 +380,7 @@ class Journal:
             "objective": self.objective,
             "settings": self.settings,
             "layer_names": self.layer_names,
-            "exported": _now_iso(),
+            "exported": now_iso(),
         }
         records = self.records()
         target = Path(path)
@@ -700,19 +393,7 @@ class Journal:
     @staticmethod
     def list_runs(path: str | os.PathLike, busy_timeout: float = 10.0) -> list[RunInfo]:
         """The runs of a journal file (read-only, no validation of the model)."""
-        path = Path(path).expanduser().absolute()
-        if not path.is_file():
-            raise JournalError(f"no journal at {str(path)!r}")
-        probe = object.__new__(Journal)
-        probe._path, probe._busy, probe._readonly, probe.model_fingerprint = path, float(busy_timeout), True, ""
-        probe._check_header()
-        con = probe._connect(readonly=True)
-        try:
-            probe._validate(con, allow_other_model=True)
-            with probe._sql("read the runs"):
-                return Journal._runs(con)
-        finally:
-            con.close()
+        return JournalFile(path, busy_timeout=busy_timeout).list_runs()
 
     def close(self) -> None:
         """Close the database and release the writer lock (idempotent)."""
@@ -721,9 +402,7 @@ class Journal:
             if con is not None:
                 with contextlib.suppress(sqlite3.Error):
                     con.close()
-            lock, self._lock = self._lock, None
-            if lock is not None:
-                lock.release()
+            self._file.release_lock()
 
     def __enter__(self) -> Journal:
         return self
@@ -752,22 +431,3 @@ def _record(row: tuple) -> Record:
         source=source,
         created=float(created),
     )
-
-
-def _is_busy(e: sqlite3.Error) -> bool:
-    text = str(e).lower()
-    return "locked" in text or "busy" in text
-
-
-def _rollback(con: sqlite3.Connection) -> None:
-    if con.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            con.execute("ROLLBACK")
-
-
-def _package_version() -> str:
-    try:
-        from .. import __version__
-    except ImportError:
-        return "qua2sedimo"
-    return f"qua2sedimo {__version__}"

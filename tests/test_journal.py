@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from qua2sedimo.search import journal_file
 from qua2sedimo.search.journal import APPLICATION_ID, SCHEMA_VERSION, Journal, JournalError, JournalLocked
+from qua2sedimo.search.journal_file import JournalReadOnly
 from qua2sedimo.search.sampling import ConfigSampler, config_key
 
 HERE = Path(__file__).resolve().parent
@@ -266,6 +269,156 @@ def test_other_model(filled: Path, sampler: ConfigSampler) -> None:
         _add(j, sampler.config(0), 0, 0.5)
     with _open(filled, model_fingerprint="fp-b") as j:  # known to the file from now on
         assert len(j) == 1
+
+
+class _FullDiskConnection:
+    """A SQLite connection to a journal being created on a nearly full disk: its WAL cannot be checkpointed into
+    the main file. ``close()`` hides that (SQLite skips the checkpoint silently); an explicit checkpoint fails with
+    SQLITE_FULL, or (``lying``) reports success without doing it."""
+
+    def __init__(self, con: sqlite3.Connection, other: sqlite3.Connection, lying: bool) -> None:
+        self._con, self._other, self._lying = con, other, lying
+
+    def execute(self, sql: str, *args):
+        if "wal_checkpoint" in sql:
+            if self._lying:
+                return self._con.execute("SELECT 0, 0, 0")
+            raise sqlite3.OperationalError("database or disk is full")
+        cur = self._con.execute(sql, *args)
+        if "journal_mode" in sql:  # the other connection attaches in WAL mode: close() then cannot checkpoint
+            cur.fetchall()
+            self._other.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return cur
+
+    def __getattr__(self, name: str):
+        return getattr(self._con, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Creation's connections see a disk too full for the checkpoint: a second connection held open keeps
+    ``close()`` from checkpointing (as a failed checkpoint would), the explicit checkpoint fails."""
+    real = sqlite3.connect
+    held: list[sqlite3.Connection] = []
+    mode = {"full": True, "lying": False}
+
+    def connect(database, *args, **kwargs):
+        con = real(database, *args, **kwargs)
+        if not mode["full"] or not str(database).endswith(".new"):
+            return con
+        held.append(real(database))
+        return _FullDiskConnection(con, held[-1], mode["lying"])
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    yield mode
+    for con in held:
+        con.close()
+
+
+@pytest.mark.parametrize("lying", [False, True], ids=["checkpoint_fails", "checkpoint_silently_incomplete"])
+def test_creation_on_a_full_disk_links_nothing(tmp_path: Path, full_disk: dict, lying: bool) -> None:
+    """Issue 16, defect 5: a failed checkpoint was hidden by ``close()`` and a journal without its schema was linked
+    into place. Now: a clear error, no journal, no temporary file (the lock file alone stays, as always)."""
+    full_disk["lying"] = lying
+    path = tmp_path / "j.sqlite"
+    match = "disk is full.*nothing was put in its place.*Free some disk space" if not lying else \
+        "write-ahead log was not checkpointed.*nothing was put in its place"
+    with pytest.raises(JournalError, match=match):
+        _open(path, layer_names=NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.sqlite.lock"]
+    full_disk["full"] = False  # space freed: the same call creates the journal
+    with _open(path, layer_names=NAMES) as j:
+        assert len(j) == 0 and j.layer_names == NAMES
+
+
+# ----------------------------------------------------------------------------------------- read-only media
+_WRITER_REFUSED = r"is read-only here \(read-only media.*not corrupt.*copy it .*to a writable folder"
+_READER_REFUSED = r"cannot be read in place.*read-only media.*not corrupt: copy it .*writable folder"
+
+
+def _pending_wal_copy(filled: Path, sampler: ConfigSampler, folder: Path) -> Path:
+    """A copy of ``filled`` taken while a writer had unfinished WAL content (as a backup of a live search is)."""
+    folder.mkdir()
+    with _open(filled) as j:
+        j._con.execute("PRAGMA wal_autocheckpoint = 0")
+        _add(j, sampler.config(10), 10, 0.1)
+        for name in (filled.name, filled.name + "-wal"):
+            shutil.copy(filled.parent / name, folder / name)
+    assert (folder / (filled.name + "-wal")).stat().st_size > 0
+    return folder / filled.name
+
+
+@pytest.fixture
+def immutable():
+    """``chattr +i`` paths (refused even to root, like read-only media); undone afterwards."""
+    done: list[Path] = []
+
+    def make(*paths: Path) -> None:
+        for path in paths:
+            out = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+            if out.returncode != 0:
+                pytest.skip(f"chattr +i is not available here ({out.stderr.strip()})")
+            done.append(path)
+        probe = paths[-1] / "probe" if paths[-1].is_dir() else paths[-1].with_name("probe")
+        try:
+            probe.touch()
+        except OSError:
+            return
+        probe.unlink()
+        pytest.skip("chattr +i does not make files read-only here")
+
+    yield make
+    for path in reversed(done):
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_read_only_media_said_read_only_not_corrupt(filled: Path, sampler: ConfigSampler, tmp_path: Path,
+                                                    immutable) -> None:
+    """Issue 16, defect 6: an intact WAL journal on read-only media was reported corrupt ("move it aside")."""
+    pending = _pending_wal_copy(filled, sampler, tmp_path / "backup")
+    immutable(filled, filled.with_name(filled.name + ".lock"), filled.parent, pending, pending.parent,
+              pending.with_name(pending.name + "-wal"))
+    before = _snapshot(filled)
+    with _open(filled, readonly=True) as r:  # closed cleanly: reading works in place
+        assert len(r) == 11
+    with pytest.raises(JournalReadOnly, match=_WRITER_REFUSED):
+        _open(filled)
+    with pytest.raises(JournalReadOnly, match=_READER_REFUSED):
+        _open(pending, readonly=True)  # unfinished WAL content: SQLite must write its index beside it
+    assert _snapshot(filled) == before
+
+
+def test_read_only_folder_simulated(filled: Path, sampler: ConfigSampler, tmp_path: Path, monkeypatch) -> None:
+    """The same where chattr is not available: the access check says read-only, SQLite fails as it does on a
+    read-only folder when it must create a WAL index ("unable to open database file")."""
+    pending = _pending_wal_copy(filled, sampler, tmp_path / "backup")
+    monkeypatch.setattr(journal_file, "writable", lambda path: False)
+    real = sqlite3.connect
+
+    class NoWalIndex:  # SQLite opens lazily: the first statement fails
+        def execute(self, *args):
+            raise sqlite3.OperationalError("unable to open database file")
+
+        def close(self) -> None:
+            pass
+
+    def connect(database, *args, **kwargs):
+        if "mode=ro" in str(database) and "immutable=1" not in str(database):
+            return NoWalIndex()
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    before = _snapshot(filled)
+    with _open(filled, readonly=True) as r:
+        assert len(r) == 11
+    with pytest.raises(JournalReadOnly, match=_WRITER_REFUSED):
+        _open(filled)
+    assert _snapshot(filled) == before
+    pending_before = _snapshot(pending)
+    with pytest.raises(JournalReadOnly, match=_READER_REFUSED):
+        _open(pending, readonly=True)
+    assert _snapshot(pending) == pending_before
 
 
 # ------------------------------------------------------------------------------------------------- locking

@@ -60,3 +60,27 @@ def test_cli_search_survives_kill_9_and_resumes(comfy_base, tiny_models, tmp_pat
     bad = subprocess.run(_cli(comfy_base, journal, cond, 0), capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "budget of zero" in bad.stderr
     assert journal_indices(journal) == list(range(len(done) + 2))
+
+
+def test_cli_on_a_busy_journal_fails_at_once_in_one_line(tmp_path):
+    """Issue 16, defect 9: a second search on a journal another process writes failed only after loading and
+    preparing the model, with a traceback. The writer lock is taken first: one line, non-zero exit, nothing loaded."""
+    from qua2sedimo.search.journal_file import JournalFile
+
+    journal = tmp_path / "busy.sqlite"
+    holder = JournalFile(journal)
+    holder.acquire_lock()  # this process writes the journal (flock: the CLI below is another process)
+    try:
+        cmd = [sys.executable, "-m", "qua2sedimo", "search", "--cpu", "--model", str(tmp_path / "absent.safetensors"),
+               "--conditioning", str(tmp_path / "absent-cond.safetensors"), "--journal", str(journal),
+               "--configs", "2", "--comfy-dir", str(tmp_path / "no-comfy-here")]
+        t0 = time.monotonic()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - t0
+    finally:
+        holder.release_lock()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and out.stdout == "", out
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "being written by another process" in lines[0] and f"pid {os.getpid()}" in lines[0]
+    assert seconds < 120 and not journal.exists()  # nothing booted, loaded, prepared or created

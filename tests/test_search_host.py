@@ -176,3 +176,124 @@ def test_seeds_are_fixed_and_inputs_explained(comfy_inproc):
             if inp.id in ("option", "act_bits", "rules", "default", "mode", "journal", "rule", "target_bits", "seed"):
                 assert inp.tooltip, (node.__name__, inp.id)
         assert all(out.tooltip for out in schema.outputs), node.__name__
+
+
+NODE_INPUTS = dict(objective="denoise_error", minutes=0.0, seed=0, steps=4, width=384, height=384, n_states=4,
+                   n_seeds=1, cfg=4.0)
+
+
+def _search_node(node_id: str):
+    """The Search node class as ComfyUI's executor hands it over: its hidden inputs set (on a copy)."""
+    from comfy_api.latest import io
+
+    from qua2sedimo.nodes.search_nodes import Search
+
+    return type("Search", (Search,), {"hidden": io.HiddenHolder.from_dict({"UNIQUE_ID": node_id})})
+
+
+def _counting_preparation(monkeypatch, gate=None) -> list:
+    """Count calls of the search's preparation (and hold each one until ``gate`` is set, when given)."""
+    from qua2sedimo.nodes import search_jobs as jobs
+
+    calls: list[int] = []
+    real = jobs.prepare_plan
+
+    def counted(p, *, progress=None):
+        calls.append(1)
+        if gate is not None:
+            assert gate.wait(120), "the test never released the preparation"
+        return real(p, progress=progress)
+
+    monkeypatch.setattr(jobs, "prepare_plan", counted)
+    return calls
+
+
+@pytest.mark.comfy_inproc
+def test_busy_journal_fails_before_any_preparation(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    """Issue 16, defect 9: a second search on a journal another process writes used to fail only after the whole
+    preparation (option table, FP states); the writer lock is now taken first."""
+    from qua2sedimo.search.journal_file import JournalFile, JournalLocked
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    calls = _counting_preparation(monkeypatch)
+    (tmp_path / "journals").mkdir()
+    other = JournalFile(tmp_path / "journals" / "busy.sqlite")  # another writer: its own lock (flock per open file)
+    other.acquire_lock()
+    try:
+        for mode in ("wait", "background"):
+            t0 = time.monotonic()
+            with pytest.raises(JournalLocked, match="being written by another process"):
+                _search_node("busy").execute(mp, pos, neg, configs=3, mode=mode, journal="busy", **NODE_INPUTS)
+            assert time.monotonic() - t0 < 30 and calls == [], mode
+    finally:
+        other.release_lock()
+    from qua2sedimo.nodes import search_jobs as jobs
+
+    assert not any(job.running for job in jobs.JOBS.values())
+
+
+@pytest.mark.comfy_inproc
+def test_background_returns_at_once_and_reattach_or_stop_never_prepare(comfy_inproc, tiny_models, tmp_path,
+                                                                      monkeypatch):
+    """Issue 16, browser item 4: 'background' held the queue while preparing, and every re-attach or 'stop'
+    prepared again. Now the job prepares in its thread (status "preparing …"); re-attach and stop prepare nothing."""
+    import threading
+
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.nodes import search_nodes
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    gate = threading.Event()
+    calls = _counting_preparation(monkeypatch, gate)
+    monkeypatch.setattr(search_nodes, "STOP_WAIT_S", 60.0)
+    node = _search_node("bg")
+    try:
+        t0 = time.monotonic()
+        handle, text = node.execute(mp, pos, neg, configs=1000, mode="background", journal="instant",
+                                    **NODE_INPUTS).result
+        assert time.monotonic() - t0 < 30 and not gate.is_set()  # returned while the preparation is held
+        assert text.startswith("preparing"), text
+        job = handle.job()
+        assert job is not None and job.running and job.status == "preparing"
+        _, text = node.execute(mp, pos, neg, configs=1000, mode="background", journal="instant",
+                               **NODE_INPUTS).result  # re-attach while preparing
+        assert handle.job() is job and text.startswith("preparing"), text
+        gate.set()
+        t0 = time.monotonic()
+        while (job.progress is None or job.progress.done < 1) and time.monotonic() - t0 < 300:
+            time.sleep(0.05)
+        assert job.status == "running", job.error
+        _, text = node.execute(mp, pos, neg, configs=1000, mode="background", journal="instant",
+                               **NODE_INPUTS).result  # re-attach while searching
+        assert text.startswith("running") and handle.job() is job, text
+        _, text = node.execute(mp, pos, neg, configs=1000, mode="stop", journal="instant", **NODE_INPUTS).result
+        assert not job.running and job.status == "cancelled" and text.startswith("cancelled"), (text, job.error)
+        assert calls == [1]  # one preparation, in the job; none for the re-attaches and the stop
+        assert handle.context is not None and len(calls) == 1  # a report reuses the job's preparation
+    finally:
+        gate.set()
+        job = jobs.JOBS.get(jobs.job_key(tmp_path / "journals" / "instant.sqlite", handle.journal_kwargs))
+        if job is not None:
+            job.stop()
+            job.wait(120)
+
+
+@pytest.mark.comfy_inproc
+def test_stop_while_preparing_ends_the_job(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    """'stop' reaches a job that is still preparing: it ends at the preparation's next step, nothing evaluated."""
+    import threading
+
+    from qua2sedimo.nodes import search_jobs as jobs
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    gate = threading.Event()
+    calls = _counting_preparation(monkeypatch, gate)
+    plan = jobs.plan(mp, pos, neg, jobs.SearchSpec(**SMALL))
+    job = jobs.start_background(jobs.Preparation(plan), tmp_path / "prep.sqlite", max_configs=5, max_seconds=None)
+    assert job.state_text().startswith("preparing")
+    job.stop()
+    assert job.state_text().startswith("stopping")
+    gate.set()
+    job.wait(120)
+    assert not job.running and job.status == "cancelled" and job.result.new == 0, job.error
+    assert calls == [1]
