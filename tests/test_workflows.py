@@ -1,5 +1,6 @@
 """The example workflows against the real ComfyUI server: served as templates, convertible by the frontend's
-rules to their API twins, and run over HTTP (apply → sample, mixed → save, load → sample) with clear errors."""
+rules to their API twins, and run over HTTP (apply → sample, mixed → save, load → sample, load → LoRA → sample)
+with clear errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import workflow_api as wa
 
 STEMS = ["qua2sedimo-uniform-w4-sample", "qua2sedimo-mixed-config-save-quantized", "qua2sedimo-load-quantized-sample",
-         "qua2sedimo-search-status", "qua2sedimo-search-report-build-sample"]
+         "qua2sedimo-search-status", "qua2sedimo-search-report-build-sample", "qua2sedimo-load-quantized-lora-sample"]
+LORA_STEM = STEMS[5]
 
 
 def _texts(entry: dict) -> list[str]:
@@ -88,6 +90,28 @@ def test_example_workflows_run_over_http(comfy_server):
     assert np.asarray(Image.open(img_c)).shape == (384, 384, 3)
     info = json.loads(next(t for t in _texts(entry) if t.startswith("{")))
     assert info["model"] == "PixArt" and 3.0 < info["avg_bits"] < 4.5
+
+    # (d) the same file → ComfyUI's LoraLoaderModelOnly → sample: strength 0 gives (c)'s image, 1 changes it
+    import torch
+    from safetensors.torch import save_file
+
+    lora_dir = comfy_server.base / "models" / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.mlp.fc2.lora_up.weight": torch.randn(1152, 4, generator=g) * 0.1,
+               "diffusion_model.blocks.0.mlp.fc2.lora_down.weight": torch.randn(4, 4608, generator=g) * 0.1},
+              str(lora_dir / "workflow_lora.safetensors"))
+    graph = wa.to_testbed(wa.twin(LORA_STEM), **{**wa.TWIN_MODEL, "quantized_file": rel})
+    (lora_id,) = [k for k, n in graph.items() if n["class_type"] == "LoraLoaderModelOnly"]
+    graph[lora_id]["inputs"]["lora_name"] = "workflow_lora.safetensors"
+    images = {}
+    for strength in (0.0, 1.0):
+        graph[lora_id]["inputs"]["strength_model"] = strength
+        (img,) = comfy_server.saved_images(comfy_server.run(graph))
+        images[strength] = np.asarray(Image.open(img)).astype(np.int16)
+    assert images[1.0].shape == (384, 384, 3)
+    assert np.array_equal(images[0.0], np.asarray(Image.open(img_c)).astype(np.int16))
+    assert np.abs(images[1.0] - images[0.0]).mean() > 0.1, "the LoRA must change the image"
 
 
 @pytest.mark.comfy_server
