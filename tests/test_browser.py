@@ -300,3 +300,37 @@ img.onload = () => done([img.naturalWidth, img.naturalHeight]); img.onerror = ()
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.comfy_server
+def test_missing_models_offer_downloads(browser, comfy_server):
+    """properties.models in a template: the frontend lists each absent public model with a download (ComfyUI 0.3.75's
+    frontend in its Missing Models dialog, 0.33's in the errors panel behind "View details")."""
+    stem = "3. Sample a quantized file"
+    comfy_server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": True,
+                                    "Comfy.Workflow.ShowMissingNodesWarning": False})
+    browser.get(comfy_server.url)
+    _wait(browser, _APP + "return !!(app && app.graph && app.graph._nodes.length > 0);", "the frontend", 120)
+    time.sleep(1)
+    browser.execute_script("document.querySelectorAll('[role=dialog] button[aria-label=Close]')"
+                           ".forEach(b => b.click());")  # the default workflow's own missing models, if any
+    loaded = browser.execute_async_script(_APP + "const [ui, done] = arguments;"
+                                          "app.loadGraphData(ui).then(() => done('ok'), e => done('error: ' + e));",
+                                          wa.ui_workflows()[stem])
+    assert loaded == "ok", loaded
+    wanted = [m["name"] for n in wa.ui_workflows()[stem]["nodes"] for m in n.get("properties", {}).get("models", [])]
+    assert sorted(wanted) == ["clip_l.safetensors", "vae-ft-mse-840000-ema-pruned.safetensors"]
+
+    def listed() -> bool:  # each name followed by its download button (not only named as missing)
+        text = browser.execute_script("return document.body.innerText;")
+        return all(w in text and "Download" in text[text.index(w) + len(w):][:30] for w in wanted)
+
+    t0 = time.monotonic()
+    while not listed() and time.monotonic() - t0 < 30:
+        browser.execute_script("[...document.querySelectorAll('button')]"
+                               ".filter(b => b.innerText.trim() === 'View details').forEach(b => b.click());")
+        time.sleep(0.5)
+    shot = _output_dir() / f"missing-models-{comfy_server.system_stats()['system']['comfyui_version']}.png"
+    browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+    assert listed(), f"the frontend did not offer {wanted} for download (see {shot})"
