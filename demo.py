@@ -29,9 +29,9 @@ from .quant.atomic import atomic_write_text
 REPO = Path(__file__).resolve().parent
 TESTS = REPO / "tests"
 DEMO_MODEL = "pixart_sigma_d1"
-STEMS = {"uniform": "qua2sedimo-uniform-w4-sample", "mixed": "qua2sedimo-mixed-config-save-quantized",
-         "load": "qua2sedimo-load-quantized-sample", "search": "qua2sedimo-search-status",
-         "full": "qua2sedimo-search-report-build-sample"}
+STEMS = {"uniform": "1. Quantize W4 and sample", "mixed": "2. Mixed bits and save",
+         "load": "3. Sample a quantized file", "search": "5. Search in background",
+         "full": "6. Search report and build"}
 SEARCH_CONFIGS = 12
 
 

@@ -5,7 +5,10 @@ Figures are returned as PNG bytes (:func:`png_to_array` turns one into a ComfyUI
 * :func:`pareto_png` — evaluated configs (b̄ vs objective) with the Pareto front; constructed configs (journal
   ``source`` ``"constructed:<rule>"``) as stars, and their predicted scores on a second axis;
 * :func:`insight_figures` — box plots of unit scores per op type, block category and block index (paper §4.3);
-* :func:`chosen_options_png` — per op type, the fraction of layers given each option, one row per config.
+* :func:`chosen_options_png` — per op type, the fraction of layers given each option, one panel per config.
+
+Every figure has the same size (:data:`FIGURE_INCHES` at :data:`FIGURE_DPI`), so a node's batch of figures pads
+nothing and each reads at Preview Image's size.
 
 :func:`build_report` gathers, in one typed :class:`Report`, the insights (most/least sensitive units, per-category
 statistics, which op types tolerate 3 bits), the predictor's held-out quality (``search.quality``), constructions
@@ -24,6 +27,7 @@ import dataclasses
 import io
 import json
 import math
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +66,12 @@ __all__ = [
 REPORT_FORMAT = "qua2sedimo.report"
 REPORT_VERSION = 1
 _INPUT_SIDE = ("t-embed", "c-embed", "patchify", "conv-in")  # global units drawn before block 0
+# Every figure is drawn on one canvas: 8 × 5 in at 150 dpi = 1200 × 750 px. ComfyUI batches a node's images by
+# padding them to the largest one, so figures of different sizes shrank to a corner of a mostly white image;
+# equal sizes pad nothing, and text of 8–11 pt at 150 dpi stays legible when Preview Image shows it at half size.
+FIGURE_INCHES = (8.0, 5.0)
+FIGURE_DPI = 150
+TEXT_WIDTH = 100  # report_text wraps longer lines (the node's text box wraps too, but without the indent)
 
 
 def _figure():
@@ -75,19 +85,21 @@ def _figure():
 
 @contextlib.contextmanager
 def _new_figure(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
-    """``plt.subplots(...)``; the figure is closed however the drawing ends."""
+    """``plt.subplots(...)`` on the report's one canvas (:data:`FIGURE_INCHES` at :data:`FIGURE_DPI`); the figure
+    is closed however the drawing ends."""
     plt = _figure()
-    fig, axes = plt.subplots(*args, **kwargs)
+    fig, axes = plt.subplots(*args, figsize=FIGURE_INCHES, dpi=FIGURE_DPI, **kwargs)
     try:
         yield fig, axes
     finally:
         plt.close(fig)
 
 
-def _png(fig: Any) -> bytes:
-    fig.tight_layout()
+def _png(fig: Any, rect: tuple[float, float, float, float] | None = None) -> bytes:
+    """The figure as PNG at its own size (no tight bounding box: every figure keeps the one canvas size)."""
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
     return buf.getvalue()
 
 
@@ -107,7 +119,7 @@ def pareto_png(
     ``avg_bits``, ``predicted`` and optionally ``options``/``label`` — not yet evaluated) are hollow diamonds on a
     right-hand axis, inverted so that better is down on both axes.
     """
-    with _new_figure(figsize=(6.4, 4.2), dpi=100) as (fig, ax):
+    with _new_figure() as (fig, ax):
         finite = [r for r in records if np.isfinite(r.primary)]
         handles = []
         if finite:
@@ -191,13 +203,13 @@ def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, so
     if sort_keys:
         keys.sort(key=_index_order)
     series = [np.array([float(v) for v in data[k] if math.isfinite(float(v))]) for k in keys]
-    width = min(max(6.4, 0.32 * len(keys) + 1.8), 20.0)
-    with _new_figure(figsize=(width, 4.2), dpi=100) as (fig, ax):
+    with _new_figure() as (fig, ax):
         if keys:
             ax.boxplot(series, positions=np.arange(1, len(keys) + 1), widths=0.6, flierprops=dict(markersize=3))
             ax.set_xticks(np.arange(1, len(keys) + 1))
-            ax.set_xticklabels([str(k) for k in keys], rotation=60 if len(keys) > 8 else 0,
-                               ha="right" if len(keys) > 8 else "center", fontsize=8)
+            many = len(keys) > 8
+            ax.set_xticklabels([str(k) for k in keys], rotation=60 if many else 0, ha="right" if many else "center",
+                               fontsize=9 if len(keys) <= 24 else 7)
             ax.axhline(0.0, color="grey", lw=0.8, ls="--")
             n = sum(len(s) for s in series)
             ax.set_title(f"{title} ({n} variant scores)")
@@ -255,13 +267,14 @@ def chosen_options_png(options_by_config: Mapping[str, Mapping[str, str]], op_ty
         order.append("other")
     present = [t for t in order if any(op_types.get(n, "other") == t for _, opts in configs for n in opts)]
     all_opts = sorted({o for _, opts in configs for o in opts.values()}, key=_option_order)
-    rows = max(len(configs), 1)
-    width = min(max(6.4, 0.45 * len(present) + 2.5), 20.0)
-    with _new_figure(rows, 1, figsize=(width, 1.2 + 2.3 * rows), dpi=100, squeeze=False, sharex=True) as (fig, axes):
+    cols = 1 if len(configs) <= 3 else 2
+    rows = max(math.ceil(len(configs) / cols), 1)
+    with _new_figure(rows, cols, squeeze=False, sharex=True, sharey=True) as (fig, axes):
         if not configs or not present:
             axes[0, 0].text(0.5, 0.5, "no configurations", ha="center", va="center", transform=axes[0, 0].transAxes)
         x = np.arange(len(present))
-        for (label, opts), ax in zip(configs, axes[:, 0], strict=False):
+        handles: dict[str, Any] = {}
+        for (label, opts), ax in zip(configs, axes.flat, strict=False):
             counts = {t: Counter() for t in present}
             for n, o in opts.items():
                 counts[op_types.get(n, "other")][o] += 1
@@ -269,21 +282,29 @@ def chosen_options_png(options_by_config: Mapping[str, Mapping[str, str]], op_ty
             bottom = np.zeros(len(present))
             for o in all_opts:
                 frac = np.array([counts[t][o] for t in present]) / totals
-                ax.bar(x, frac, bottom=bottom, color=_OPTION_COLORS.get(o), label=o, width=0.75)
+                handles[o] = ax.bar(x, frac, bottom=bottom, color=_OPTION_COLORS.get(o), label=o, width=0.75)
                 bottom += frac
             low = sum(1 for o in opts.values() if _bits(o) <= 3)
-            sub = f" — {low}/{len(opts)} layers at ≤3 bits" if opts else ""
+            sub = f" — {low}/{len(opts)} layers ≤3 bits" if opts else ""
             ax.set_title(f"{label}{sub}", fontsize=9)
             ax.set_ylim(0, 1)
-            ax.set_ylabel("fraction")
-        if configs and present:
-            axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-            axes[-1, 0].set_xticks(x)
-            axes[-1, 0].set_xticklabels(present, rotation=60 if len(present) > 6 else 0,
-                                        ha="right" if len(present) > 6 else "center", fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("fraction", fontsize=9)
+        for ax in axes.flat[len(configs):]:
+            if configs:
+                ax.set_axis_off()
+        many = len(present) > 6
+        for j in range(cols):  # op types under the lowest drawn panel of each column
+            ax = axes[max((len(configs) - 1 - j) // cols, 0), j]
+            ax.set_xticks(x)
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xticklabels(present, rotation=60 if many else 0, ha="right" if many else "center", fontsize=8)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7),
+                       fontsize=8, frameon=False)
         if title:
             fig.suptitle(title)
-        return _png(fig)
+        return _png(fig, rect=(0, 0.07 if handles else 0, 1, 1))
 
 
 # -------------------------------------------------------------------------------------------- report data
@@ -565,40 +586,61 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _wrapped(text: str, first: str, rest: str, width: int = TEXT_WIDTH) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False) or [first]
+
+
 def report_text(report: Report | Mapping) -> str:
-    """Human-readable summary of a report (or its JSON data): sensitive units, predictor quality, constructions,
-    recommendations."""
+    """Human-readable report (or its JSON data) in sections: a title, then ``## <section>`` headings each followed
+    by indented lines (search, units, most/least sensitive units, predictor quality, constructed configs,
+    recommendations), sections separated by a blank line, long lines wrapped at :data:`TEXT_WIDTH`."""
     if isinstance(report, Report):
         report = report.to_json()
-    lines: list[str] = []
+    objective = report.get("objective", "objective")
+    sections: list[tuple[str, list[str]]] = []
+    ev = report.get("evaluated_summary") or {}
+    search = []
+    if ev.get("n"):
+        by_source = ", ".join(f"{n} {src}" for src, n in (ev.get("by_source") or {}).items())
+        search.append(f"  {ev['n']} evaluated ({by_source})")
+    if ev.get("best"):
+        b = ev["best"]
+        search.append(f"  best evaluated: {objective} {_fmt(b['primary'])} at b̄ {_fmt(b['avg_bits'])} "
+                      f"({b['source']}, #{b['id']})")
+    if search:
+        sections.append(("search", search))
     units = report.get("units") or {}
-    lines.append("units: " + (", ".join(f"{n} {lvl}-level" for lvl, n in units.items()) or "no unit scores"))
+    sections.append(("units", ["  " + (", ".join(f"{n} {lvl}-level" for lvl, n in units.items())
+                                       or "no unit scores")]))
     for lvl, s in (report.get("sensitive_units") or {}).items():
         for which, title in (("most", "most sensitive"), ("least", "least sensitive")):
             rows = s.get(which) or []
             if rows:
-                lines.append(f"{title} {lvl}-level units (score spread; best variant):")
-                lines += [f"  {u['unit']}: {_fmt(u['spread'])}; {'/'.join(u['best_variant'])}" for u in rows]
+                sections.append((f"{title} {lvl}-level units (score spread; best variant)",
+                                 [f"  {u['unit']}: {_fmt(u['spread'])}; {'/'.join(u['best_variant'])}"
+                                  for u in rows]))
     pq = report.get("predictor_quality") or {}
     if pq:
         cols = list(dict.fromkeys(k for row in pq.values() for k in row))
-        lines.append("predictor quality: " + " | ".join(["", *cols]))
-        lines += [f"  {name}: " + " | ".join(_fmt(row.get(c)) for c in cols) for name, row in pq.items()]
+        names = [str(n) for n in pq]
+        wn = max(len(n) for n in names)
+        widths = [max(len(c), *(len(_fmt(row.get(c))) for row in pq.values())) for c in cols]
+        header = "  " + " " * wn + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
+        sections.append(("predictor quality (held-out)", [header] + [
+            "  " + n.ljust(wn) + "  " + "  ".join(_fmt(row.get(c)).rjust(w) for c, w in zip(cols, widths, strict=True))
+            for n, row in zip(names, pq.values(), strict=True)]))
     built = report.get("constructions") or []
     if built:
-        lines.append(f"constructed configs (predicted score → measured {report.get('objective', 'objective')}):")
-        lines += [f"  {b.get('label')}: b̄ {_fmt(b.get('avg_bits'))}, predicted {_fmt(b.get('predicted'))}, "
-                  f"measured {_fmt(b.get('measured'))}" for b in built]
+        lines = [f"  {b.get('label')}: b̄ {_fmt(b.get('avg_bits'))}, predicted {_fmt(b.get('predicted'))}, "
+                 f"measured {_fmt(b.get('measured'))}" for b in built]
         pvm = report.get("predicted_vs_measured") or {}
         if pvm.get("spearman") is not None:
             lines.append(f"  Spearman(predicted, −measured) = {pvm['spearman']:.3f} over {pvm['n']}")
-    ev = report.get("evaluated_summary") or {}
-    if ev.get("best"):
-        b = ev["best"]
-        lines.append(f"best evaluated: {report.get('objective')} {_fmt(b['primary'])} at b̄ {_fmt(b['avg_bits'])} "
-                     f"({b['source']}, #{b['id']}); {ev['n']} evaluated")
+        sections.append((f"constructed configs (predicted score → measured {objective})", lines))
     recs = report.get("recommendations") or []
     if recs:
-        lines.append("recommendations:")
-        lines += [f"  - {r}" for r in recs]
-    return "\n".join(lines)
+        sections.append(("recommendations", [ln for r in recs for ln in _wrapped(r, "  - ", "    ")]))
+    out = [f"# Qua²SeDiMo sensitivity report — objective: {objective}"]
+    for heading, lines in sections:
+        out += ["", f"## {heading}", *lines]
+    return "\n".join(out)

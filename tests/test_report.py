@@ -177,3 +177,53 @@ def test_report_json_is_strict_and_text_readable():
     assert "no unit scores" in report_text(empty)
     with pytest.raises(ValueError):
         report_dumps({"x": math.nan})
+
+
+def test_figures_share_one_readable_canvas():
+    """Every figure has the same pixel size (ComfyUI pads a node's image batch to the largest one, which shrank the
+    smaller figures) at the report's DPI, whatever the number of groups or configs drawn."""
+    from qua2sedimo.search.report import FIGURE_DPI, FIGURE_INCHES
+
+    rng = np.random.default_rng(5)
+    layers, op_types, scores = model(rng)
+    names = [la.name for la in layers]
+    many_blocks = {"op_type": {"SA-Q": [0.1, 0.2]}, "block_index": {str(i): [float(i), 0.5] for i in range(40)}}
+    configs = {f"config {i}": {n: str(rng.choice(OPTIONS)) for n in names} for i in range(7)}
+    recs = [record(i, configs["config 0"], 3 + rng.random(), float(1 + rng.random())) for i in range(5)]
+    pngs = [*insight_figures(aggregate_insights(scores)).values(), *insight_figures(many_blocks).values(),
+            chosen_options_png(configs, op_types), chosen_options_png(dict(list(configs.items())[:1]), op_types),
+            chosen_options_png({}, op_types), pareto_png(recs, objective="err"), pareto_png([], objective="err")]
+    want = (round(FIGURE_INCHES[1] * FIGURE_DPI), round(FIGURE_INCHES[0] * FIGURE_DPI))
+    assert want[1] >= 1000 and 1.2 < want[1] / want[0] < 2.0  # wide enough to read, not a strip
+    for png in pngs:
+        assert png_to_array(png).shape[:2] == want
+
+
+def test_report_text_has_sections():
+    rng = np.random.default_rng(4)
+    layers, op_types, scores = model(rng)
+    names = [la.name for la in layers]
+    c = knapsack(scores, layers, target_bits=3.6, level="op", tolerance=0.05)
+    recs = [record(i, {n: str(rng.choice(OPTIONS)) for n in names}, 3 + rng.random(), float(1 + rng.random()))
+            for i in range(20)]
+    recs.append(record(20, c.options, c.avg_bits, 0.5, "constructed:knapsack", {"predicted_score": c.predicted}))
+    rep = report_json(unit_scores=scores, records=recs, constructions=[c], objective="err", top=3,
+                      predictor_quality={"final": {"gnn spearman": 0.81, "gnn kendall": 0.6}, "hop 0": {"x": 0.5}})
+    lines = report_text(rep).split("\n")
+    assert lines[0].startswith("# ") and "err" in lines[0]
+    headings = [ln[3:] for ln in lines if ln.startswith("## ")]
+    assert headings[:3] == ["search", "units", "most sensitive op-level units (score spread; best variant)"]
+    assert headings[-3:] == ["predictor quality (held-out)", "constructed configs (predicted score → measured err)",
+                             "recommendations"]
+    for i, ln in enumerate(lines[1:], 1):  # a blank line before every heading; the rest is indented
+        if ln.startswith("## "):
+            assert lines[i - 1] == ""
+        elif ln:
+            assert ln.startswith("  ") and len(ln) <= 100 + 4, ln
+    table = lines[lines.index("## predictor quality (held-out)") + 1:][:3]
+    assert table[0].split() == ["gnn", "spearman", "gnn", "kendall", "x"]
+    assert table[1].split() == ["final", "0.81", "0.6", "–"] and table[2].split() == ["hop", "0", "–", "–", "0.5"]
+    recs_block = lines[lines.index("## recommendations") + 1:]
+    assert sum(ln.startswith("  - ") for ln in recs_block) == len(rep["recommendations"])
+    assert report_text(report_json()).split("\n")[:4] == ["# Qua²SeDiMo sensitivity report — objective: objective",
+                                                          "", "## units", "  no unit scores"]

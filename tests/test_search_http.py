@@ -9,7 +9,7 @@ import time
 import pytest
 import workflow_api as wa
 
-STEM = "qua2sedimo-search-status"
+STEM = "5. Search in background"
 
 
 def _graph(**search_inputs) -> dict:
@@ -83,7 +83,7 @@ def test_cancel_keeps_finished_configs_and_resumes(comfy_server):
 def test_full_workflow_search_report_build_sample(comfy_server):
     import json
 
-    graph = wa.to_testbed(wa.twin("qua2sedimo-search-report-build-sample"), **wa.TWIN_MODEL, search_configs=12)
+    graph = wa.to_testbed(wa.twin("6. Search report and build"), **wa.TWIN_MODEL, search_configs=12)
     node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
     node["inputs"].update(journal="http-full")
     entry = comfy_server.run(graph, timeout=1200)
@@ -129,7 +129,7 @@ def test_normal_workflow_runs_alongside_a_background_search(comfy_server):
     while _rows(journal) < 1:
         assert time.monotonic() - t0 < 300, "the background search did not start"
         time.sleep(0.5)
-    sample = comfy_server.run(wa.to_testbed(wa.twin("qua2sedimo-uniform-w4-sample"), **wa.TWIN_MODEL), timeout=600)
+    sample = comfy_server.run(wa.to_testbed(wa.twin("1. Quantize W4 and sample"), **wa.TWIN_MODEL), timeout=600)
     (png,) = comfy_server.saved_images(sample)
     assert png.stat().st_size > 1000
     during = _rows(journal)

@@ -1,17 +1,21 @@
 """The example workflows against the real ComfyUI server: served as templates, convertible by the frontend's
-rules to their API twins, and run over HTTP (apply → sample, mixed → save, load → sample) with clear errors."""
+rules to their API twins, and run over HTTP (apply → sample, mixed → save, load → sample, load → LoRA → sample)
+with clear errors."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import urllib.parse
 
 import pytest
 import workflow_api as wa
 
-STEMS = ["qua2sedimo-uniform-w4-sample", "qua2sedimo-mixed-config-save-quantized", "qua2sedimo-load-quantized-sample",
-         "qua2sedimo-search-status", "qua2sedimo-search-report-build-sample"]
+# the file stems are the titles ComfyUI's template browser shows; the numbers give their order
+STEMS = ["1. Quantize W4 and sample", "2. Mixed bits and save", "3. Sample a quantized file",
+         "4. LoRA on quantized model", "5. Search in background", "6. Search report and build"]
+LORA_STEM = STEMS[3]
 
 
 def _texts(entry: dict) -> list[str]:
@@ -38,13 +42,53 @@ def test_workflows_are_ui_format_and_twins_exist():
         wa.twin(stem)
 
 
+# loader node → (index of its model widget, the models folder ComfyUI's Missing Models dialog checks)
+MODEL_WIDGETS = {"CheckpointLoaderSimple": (0, "checkpoints"), "CLIPLoader": (0, "text_encoders"),
+                 "VAELoader": (0, "vae"), "UNETLoader": (0, "diffusion_models")}
+
+
+def test_templates_have_titles_thumbnails_and_models():
+    """What the template browser shows: the stem is the title (numbered: the order), a square JPEG thumbnail beside
+    it, and every public model a loader names listed with its download URL in the node's properties.models."""
+    from PIL import Image
+
+    assert STEMS == sorted(STEMS) and [s.split(". ", 1)[0] for s in STEMS] == [str(i + 1) for i in range(len(STEMS))]
+    for stem in STEMS:
+        assert len(stem) <= 28, f"{stem!r}: longer titles are cut off in the template browser"
+        thumb = wa.UI_DIR / f"{stem}.jpg"
+        assert thumb.is_file(), f"{thumb} is missing (QUA2SEDIMO_WRITE_THUMBNAILS=1 on tests/test_browser.py)"
+        assert thumb.stat().st_size < 40_000, f"{thumb}: keep thumbnails small"
+        with Image.open(thumb) as img:
+            assert img.format == "JPEG" and img.width == img.height >= 256, (thumb, img.format, img.size)
+        for node in wa.ui_workflows()[stem]["nodes"]:
+            if node["type"] not in MODEL_WIDGETS:
+                continue
+            index, folder = MODEL_WIDGETS[node["type"]]
+            models = node.get("properties", {}).get("models")
+            assert models, f"{stem}: {node['type']} #{node['id']} has no properties.models"
+            (model,) = models
+            assert model["name"] == node["widgets_values"][index] and model["directory"] == folder, (stem, model)
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+
+
+def test_readme_lists_the_shipped_workflows():
+    readme = (wa.REPO / "README.md").read_text()
+    section = readme.split("## Example workflows", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([^`]+)\.json` \|", section, re.M)
+    assert listed == STEMS, listed
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    assert f"holds {words[len(STEMS) - 1]} UI-format workflows" in section
+
+
 @pytest.mark.comfy_server
 def test_templates_are_served(comfy_server):
     listed = comfy_server.get("/workflow_templates")
     assert sorted(listed.get("qua2sedimo", [])) == sorted(STEMS), listed
     for stem in STEMS:
-        served = comfy_server.get(f"/api/workflow_templates/qua2sedimo/{stem}.json")
+        served = comfy_server.get(f"/api/workflow_templates/qua2sedimo/{urllib.parse.quote(stem)}.json")
         assert served == wa.ui_workflows()[stem]
+        thumb = comfy_server.request("GET", f"/api/workflow_templates/qua2sedimo/{urllib.parse.quote(stem)}.jpg")
+        assert thumb == (wa.UI_DIR / f"{stem}.jpg").read_bytes()
 
 
 @pytest.mark.comfy_server
@@ -88,6 +132,28 @@ def test_example_workflows_run_over_http(comfy_server):
     assert np.asarray(Image.open(img_c)).shape == (384, 384, 3)
     info = json.loads(next(t for t in _texts(entry) if t.startswith("{")))
     assert info["model"] == "PixArt" and 3.0 < info["avg_bits"] < 4.5
+
+    # (d) the same file → ComfyUI's LoraLoaderModelOnly → sample: strength 0 gives (c)'s image, 1 changes it
+    import torch
+    from safetensors.torch import save_file
+
+    lora_dir = comfy_server.base / "models" / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.mlp.fc2.lora_up.weight": torch.randn(1152, 4, generator=g) * 0.1,
+               "diffusion_model.blocks.0.mlp.fc2.lora_down.weight": torch.randn(4, 4608, generator=g) * 0.1},
+              str(lora_dir / "workflow_lora.safetensors"))
+    graph = wa.to_testbed(wa.twin(LORA_STEM), **{**wa.TWIN_MODEL, "quantized_file": rel})
+    (lora_id,) = [k for k, n in graph.items() if n["class_type"] == "LoraLoaderModelOnly"]
+    graph[lora_id]["inputs"]["lora_name"] = "workflow_lora.safetensors"
+    images = {}
+    for strength in (0.0, 1.0):
+        graph[lora_id]["inputs"]["strength_model"] = strength
+        (img,) = comfy_server.saved_images(comfy_server.run(graph))
+        images[strength] = np.asarray(Image.open(img)).astype(np.int16)
+    assert images[1.0].shape == (384, 384, 3)
+    assert np.array_equal(images[0.0], np.asarray(Image.open(img_c)).astype(np.int16))
+    assert np.abs(images[1.0] - images[0.0]).mean() > 0.1, "the LoRA must change the image"
 
 
 @pytest.mark.comfy_server
