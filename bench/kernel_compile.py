@@ -175,6 +175,12 @@ def measure(cap: Capture, variant: str, arch: int, weights_per_iter: int, gemm: 
     return row
 
 
+def _measure_arch(job: tuple[bool, int]) -> list[Row]:
+    """All variants for one architecture (a worker process: captures are rebuilt there, not pickled)."""
+    quick, arch = job
+    return [measure(cap, name, arch, wpi, gemm) for name, cap, wpi, gemm in variants(quick)]
+
+
 def variants(quick: bool) -> list[tuple[str, Capture, int, bool]]:
     """``(name, capture, weights decoded per main-loop iteration, is a GEMM)`` of every launch to check."""
     sys.path.insert(0, str(ROOT.parent))
@@ -206,10 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, action="append", help="compute capability (repeatable; default 80 89 90)")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     ap.add_argument("--report-only", action="store_true", help="exit 0 even on violations (for the 'before' table)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one architecture each)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = [measure(cap, name, arch, wpi, gemm)
-            for name, cap, wpi, gemm in variants(args.quick) for arch in (args.arch or ARCHS)]
+    jobs = [(args.quick, arch) for arch in (args.arch or ARCHS)]
+    if args.jobs > 1:
+        import multiprocessing  # noqa: PLC0415
+
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            per_arch = pool.map(_measure_arch, jobs)
+    else:
+        per_arch = [_measure_arch(j) for j in jobs]
+    rows = sorted((r for rows in per_arch for r in rows), key=lambda r: (r.variant, r.arch))
     text = (f"triton {triton.__version__}, {len(rows)} compiles in {time.perf_counter() - t0:.0f} s\n\n" + table(rows))
     print(text)
     if args.out:
