@@ -154,7 +154,7 @@ def check_speed(device: str, dry: bool) -> list[str]:
 
 
 def pixart_sigma(depth: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Random-weight PixArt-Σ built with ComfyUI's classes (meta device, then materialised on ``device``)."""
+    """Random-weight PixArt-Σ built with ComfyUI's classes, allocated on ``device``."""
     import comfy_host  # noqa: PLC0415
 
     comfy_host.setup_inprocess()
@@ -162,9 +162,7 @@ def pixart_sigma(depth: int, device: str, dtype: torch.dtype) -> torch.nn.Module
 
     config = dict(image_model="pixart_sigma", depth=depth, num_heads=16, patch_size=2, hidden_size=1152,
                   in_channels=4, micro_condition=False, model_max_length=300)
-    with torch.device("meta"):
-        dm = sm.PixArtSigma(config).get_model({}).diffusion_model
-    dm = dm.to_empty(device=device).to(dtype)
+    dm = sm.PixArtSigma(config).get_model({}, device=device).diffusion_model.to(dtype)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in dm.parameters():

@@ -375,7 +375,7 @@ def test_fused_config_rejects_bad_tiles():
 @pytest.mark.parametrize("model", ["pixart", "sdxl", "flux"])
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_plan_covers_two_waves(model, m):
-    """Every PixArt/SDXL/Flux layer shape gets >= 2 waves of 132 SMs, K split into equal whole K-blocks."""
+    """Every PixArt/SDXL/Flux layer shape gets >= 2 waves of 132 SMs, K split into whole K-blocks, none empty."""
     for n, k in tri.MODEL_SHAPES[model]:
         cfg = tri.plan(m, n, k, sms=132)
         blocks = -(-k // cfg.bk)

@@ -63,25 +63,36 @@ def _shift(v, s: tl.constexpr):
 
 
 @triton.jit
-def _dec(words, hi16, lut_rows, d, t, j: tl.constexpr, BITS: tl.constexpr, AFFINE: tl.constexpr):
+def _dec(words, hi16, lut_rows, d, t, t_one, j: tl.constexpr, BITS: tl.constexpr, AFFINE: tl.constexpr):
     """Weight of code ``j`` of each word (3-bit: of the lo word / the aligned 16 hi bits ``hi16``).
 
-    Affine: the code goes to the top of an fp32 mantissa, ``1 + c / 2**BITS``, then one FMA with
-    ``d = 2**BITS * delta``, ``t = t0 - d`` (no int→float conversion). Table: one gather at an int32 offset."""
+    Affine: the code goes to the top of an fp32 mantissa whose exponent bits ``t_one`` (``0x3F800000``, a runtime
+    value so that it stays in a register) make ``1 + c / 2**BITS``, then one FMA with ``d = 2**BITS * delta``,
+    ``t = t0 - d`` (no int→float conversion). Table: one gather at an int32 offset."""
     if BITS == 3:
         if AFFINE:
-            bits = ((_shift(words, 20 - 2 * j) & (3 << 20)) | (_shift(hi16, 22 - j) & (1 << 22))) | 0x3F800000
+            bits = ((_shift(words, 20 - 2 * j) & (3 << 20)) | (_shift(hi16, 22 - j) & (1 << 22))) | t_one
             w = bits.to(tl.float32, bitcast=True) * d + t
         else:
             w = tl.load(lut_rows + (((words >> (2 * j)) & 3) | (_shift(hi16, 2 - j) & 4)))
     else:
         if AFFINE:
             top: tl.constexpr = 23 - BITS
-            bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | 0x3F800000
+            bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
             w = bits.to(tl.float32, bitcast=True) * d + t
         else:
             w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
     return w
+
+
+@triton.jit
+def _aq(src, q: tl.constexpr, BITS: tl.constexpr, delta, t0, t_one):
+    """Affine weight of the code at bits ``q .. q + BITS - 1`` of ``src`` taken where it lies: mantissa bits
+    ``1 + c * 2**(q - 23)`` (one LOP3), then one FMA with ``D = delta * 2**(23 - q)`` and ``t0 - D`` (hoisted; its
+    rounding error is ``2**-24 * D <= delta * 2**-9`` for ``q >= 8``)."""
+    D: tl.constexpr = float(1 << (23 - q))
+    bits = (src & (((1 << BITS) - 1) << q)) | t_one
+    return bits.to(tl.float32, bitcast=True) * (delta * D) + (t0 - delta * D)
 
 
 @triton.jit
@@ -101,38 +112,50 @@ def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
 
 
 @triton.jit
-def _weights(q_ptr, rn, n_mask, lut_rows, d, t, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
+def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
              AFFINE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn``, inputs
-    ``k0 .. k0 + BK``, from 32-bit code words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words
-    past the row read as code 0 (the activations there are 0)."""
+    """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
+    affine: ``d`` = delta, ``t`` = T[0], ``one`` the exponent bits), inputs ``k0 .. k0 + BK``, from 32-bit code
+    words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words past the row read as code 0 (the
+    activations there are 0)."""
     row = q_ptr + rn[:, None] * stride_qw
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     kw = k0 // PER + tl.arange(0, BK // PER)
     wmask = n_mask[:, None] & (kw < tl.cdiv(K, PER))[None, :]
     wd = tl.load(row + kw[None, :], mask=wmask, other=0)
+    if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
+        d, t = d * (1 << BITS), t - d * (1 << BITS)
     if BITS == 3:  # the 16 hi bits of lo word kw: half kw % 2 of hi word kw // 2
         hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
         h = hi >> ((kw % 2) * 16)[None, :]
     else:
         h = wd
-    if PER == 4:
-        w = _j4(_dec(wd, h, lut_rows, d, t, 0, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 1, BITS, AFFINE),
-                _dec(wd, h, lut_rows, d, t, 2, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 3, BITS, AFFINE))
+    if AFFINE and BITS == 4:  # nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift
+        wl = wd << 8
+        wr = wd >> 12
+        w = _j8(_aq(wl, 8, 4, d, t, one), _aq(wl, 12, 4, d, t, one), _aq(wd, 8, 4, d, t, one),
+                _aq(wd, 12, 4, d, t, one), _aq(wd, 16, 4, d, t, one), _aq(wr, 8, 4, d, t, one),
+                _aq(wr, 12, 4, d, t, one), _aq(wr, 16, 4, d, t, one))
+    elif AFFINE and BITS == 8:
+        w = _j4(_aq(wd << 8, 8, 8, d, t, one), _aq(wd, 8, 8, d, t, one), _aq(wd >> 8, 8, 8, d, t, one),
+                _aq(wd >> 16, 8, 8, d, t, one))
+    elif PER == 4:
+        w = _j4(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE))
     elif PER == 8:
-        w = _j8(_dec(wd, h, lut_rows, d, t, 0, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 1, BITS, AFFINE),
-                _dec(wd, h, lut_rows, d, t, 2, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 3, BITS, AFFINE),
-                _dec(wd, h, lut_rows, d, t, 4, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 5, BITS, AFFINE),
-                _dec(wd, h, lut_rows, d, t, 6, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 7, BITS, AFFINE))
+        w = _j8(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE))
     else:
-        w = _j16(_dec(wd, h, lut_rows, d, t, 0, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 1, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 2, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 3, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 4, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 5, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 6, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 7, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 8, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 9, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 10, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 11, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 12, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 13, BITS, AFFINE),
-                 _dec(wd, h, lut_rows, d, t, 14, BITS, AFFINE), _dec(wd, h, lut_rows, d, t, 15, BITS, AFFINE))
+        w = _j16(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 8, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 9, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 10, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 11, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 12, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 13, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 14, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 15, BITS, AFFINE))
     return tl.reshape(w, (BN, BK))
 
 
@@ -155,12 +178,10 @@ def _codes_bytes(q_ptr, rn, rk, mask, stride_qn, hi_off, BITS: tl.constexpr):
 
 @triton.jit
 def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
-    """``(d, t)`` fp32 per row of an affine table ``T[c] = T[0] + c * delta``, for :func:`_dec`'s mantissa trick:
-    ``T[c] = (1 + c / 2**BITS) * d + t`` with ``d = 2**BITS * delta``, ``t = T[0] - d``."""
+    """``(delta, T[0])`` fp32 per row of an affine table ``T[c] = T[0] + c * delta`` (from its two ends)."""
     t0 = tl.load(lut_ptr + rn * stride_lut, mask=n_mask, other=0.0).to(tl.float32)
     t1 = tl.load(lut_ptr + rn * stride_lut + ((1 << BITS) - 1), mask=n_mask, other=0.0).to(tl.float32)
-    d = (t1 - t0) * ((1 << BITS) / ((1 << BITS) - 1))
-    return d, t0 - d
+    return (t1 - t0) / ((1 << BITS) - 1), t0
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -169,7 +190,7 @@ def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
 @triton.jit
 def _lut_gemm_kernel(
     x_ptr, q_ptr, lut_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split,
+    M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split, one_bits,
     BITS: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -195,7 +216,8 @@ def _lut_gemm_kernel(
     for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None] & m_mask[None, :], other=0.0)
-        w = _weights(q_ptr, rn, n_mask, lut_rows[:, None], d, t, stride_qw, hi_off_w, k0, K, BITS, AFFINE, BN, BK)
+        w = _weights(q_ptr, rn, n_mask, lut_rows[:, None], d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                     BN, BK)
         if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
             acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
         else:
@@ -220,7 +242,7 @@ def _lut_dequant_kernel(
     mask = n_mask[:, None] & (rk < K)[None, :]
     lut_rows = lut_ptr + tl.minimum(rn, N - 1)[:, None] * stride_lut
     if WORDS:
-        w = _weights(q_ptr, rn, n_mask, lut_rows, 0.0, 0.0, stride_q, hi_off, k0, K, BITS, False, BN, BK)
+        w = _weights(q_ptr, rn, n_mask, lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False, BN, BK)
     else:
         w = tl.load(lut_rows + _codes_bytes(q_ptr, rn, rk, mask, stride_q, hi_off, BITS))
     out = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
@@ -266,16 +288,16 @@ def token_tile(m: int) -> int:
 
 def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> FusedConfig:
     """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight: the first of :data:`TILES` whose
-    ``N-tiles × M-tiles × K-blocks`` reach ``WAVES × sms`` programs, K split just enough for that (each split an equal
-    number of K-blocks); else the smallest tiles, K split completely."""
+    ``N-tiles × M-tiles × K-blocks`` reach ``WAVES × sms`` programs, K split just enough for that (every split the same
+    whole number of K-blocks, the last one fewer); else the smallest tiles, K split completely."""
     bm = token_tile(m)
     tiles_list = tiles_for(bm)
     for i, (bn, bk) in enumerate(tiles_list):
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
         blocks = triton.cdiv(k, bk)
         if tiles * blocks >= WAVES * sms or i == len(tiles_list) - 1:
-            split = min(blocks, triton.cdiv(WAVES * sms, tiles))
-            split = triton.cdiv(blocks, triton.cdiv(blocks, split))  # equal K-blocks per split
+            per = max(1, blocks // triton.cdiv(WAVES * sms, tiles))  # K-blocks per split (the last: no more)
+            split = triton.cdiv(blocks, per)
             return FusedConfig(bm, bn, bk, split)
     raise AssertionError("unreachable")
 
@@ -393,7 +415,7 @@ def fused_into(
     _lut_gemm_kernel[grid](
         x2, _word_view(codes), lut, target if bias is None else bias, target, m, n, k_in, x2.stride(0),
         codes.stride(0) // 4 if n > 1 else packed_length(k_in, bits) // 4, lut.stride(0) if lut.shape[0] > 1 else 0,
-        stride_om, m * n, _hi_off(bits, k_in) // 4, k_per_split,
+        stride_om, m * n, _hi_off(bits, k_in) // 4, k_per_split, 0x3F800000,
         BITS=bits, AFFINE=affine, HAS_BIAS=bias is not None, UPCAST=INTERPRET and x2.dtype == torch.bfloat16,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
