@@ -7,19 +7,22 @@ Weights use the packed layout of :mod:`..packing` (codes along K inside each out
 **Fused GEMM** (:func:`fused_into`, fp16/bf16 activations, ``M <= FUSED_MAX_M`` tokens): ``out^T = W · x^T`` — the
 decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (masked loads, no
 padded copy). Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and decoded with shifts and
-masks; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode with one FMA,
-``code * d + t[0]`` with ``d = (t[L-1] - t[0]) / (L-1)`` in fp32, instead of a table gather (an error of about one unit
-in the last place of the table's dtype against the stored table). K is split over ``split_k`` programs (fp32 partials,
+masks; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
+gather or an int→float conversion: the code bits, where they lie in the word (4/8 bits) or moved to the top of the
+mantissa, are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``,
+``D = delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the
+table's dtype from the stored table). K is split over ``split_k`` programs (fp32 partials,
 summed in order: deterministic) so that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
 
 **Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
 aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
 the output (no copy). Rows whose packed length is not a multiple of 4 bytes also take this path.
 
-Thresholds (no GPU measured yet; roofline of an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``. The fused
-kernel decodes every weight once per ``BM = 64`` token tile (about 5 instructions per weight); dequant + cuBLAS moves
-4 extra bytes per weight (write + read of the bf16 weight); these cross near 450 tokens, halved for the fused kernel's
-lower MMA efficiency at large M.
+Threshold (no GPU measured yet: a roofline estimate for an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``.
+The fused kernel decodes every weight once per 64-token tile (5-10 SASS instructions per weight, measured by
+``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read of the bf16
+weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps a margin
+until ``bench/gpu_check.py`` measures it.
 
 ``TRITON_INTERPRET=1`` must be set *before* this module is imported to run on CPU tensors (tests: bf16 tiles are
 upcast to fp32 before ``tl.dot``). ``QUA2SEDIMO_FUSED_MAX_M`` overrides the threshold.
