@@ -214,7 +214,8 @@ def check_model(device: str, dry: bool) -> list[str]:
     rows = [f"PixArt-Σ, depth {depth}, {batch}×{(side // 2) ** 2} tokens, {dtype}", "",
             "| model | step ms | vs dense | weight MiB | peak MiB |", "|---|---|---|---|---|"]
     base = None
-    for label, method, bits in (("dense bf16", None, 0), ("uaq-4", "uaq", 4), ("kmeans_c-3", "kmeans_c", 3)):
+    for label, method, bits in ((f"dense {str(dtype)[6:]}", None, 0), ("uaq-4", "uaq", 4),
+                                ("kmeans_c-3", "kmeans_c", 3)):
         model = pixart_sigma(depth, device, dtype)
         if method:
             quantize_random(model, method, bits)

@@ -363,6 +363,7 @@ def test_triton_split_k_matches_unsplit():
     torch.testing.assert_close(outs[2], outs[0], rtol=2e-3, atol=2e-3)
 
 
+@needs_triton
 def test_fused_config_rejects_bad_tiles():
     with pytest.raises(ValueError, match="BM, BN >= 16 and BK a multiple of 32"):
         tri.FusedConfig(8, 16, 32)
@@ -372,6 +373,7 @@ def test_fused_config_rejects_bad_tiles():
         tri.FusedConfig(16, 32, 32, 0)
 
 
+@needs_triton
 @pytest.mark.parametrize("model", ["pixart", "sdxl", "flux"])
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_plan_covers_two_waves(model, m):
