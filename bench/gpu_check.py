@@ -13,6 +13,9 @@
 repeats): a check that the script works, not a measurement.
 
     python bench/gpu_check.py [--dry-run] [--skip-model] [--out docs/gpu-check-latest.md]
+
+The model step needs the ComfyUI host of the tests (``make host``; its environment file sets ``COMFY_DIR``) and is
+skipped with one line without it.
 """
 
 from __future__ import annotations
@@ -203,6 +206,11 @@ def quantize_random(model: torch.nn.Module, method: str, bits: int) -> torch.nn.
 
 
 def check_model(device: str, dry: bool) -> list[str]:
+    import comfy_host  # noqa: PLC0415
+
+    reason = comfy_host.host_unavailable_reason()
+    if reason:
+        return [f"skipped: {reason} (the model is built with ComfyUI's classes; `make host` installs them)"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     depth, side = (1, 64) if dry else (28, 128)  # 1024 px: latent 128×128, patch 2 → 4096 tokens (≥ 512 px: its
     # position embedding divides by round(side / 64))
