@@ -117,7 +117,7 @@ def check_correctness(device: str, dry: bool) -> list[str]:
         expected = F.linear(x.double(), ref.dequantize(w, torch.float64))
         for split in (1, 3):
             out = torch.empty(m, n, dtype=dtype, device=device)
-            c = tri.FusedConfig(cfg.bm, cfg.bn, cfg.bk, split)
+            c = tri.fused_config(cfg.bm, cfg.bn, cfg.bk, split)
             tri.fused_into(x, w.codes, w.lut, bits, k, None, out, config=c, affine=affine)
             e, tol = rel_err(out, expected), (2e-3 if dtype == torch.float16 else 1e-2)
             bad += e >= tol

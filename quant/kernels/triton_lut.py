@@ -285,6 +285,11 @@ def tiles_for(bm: int) -> tuple[tuple[int, int], ...]:
 WAVES = 2
 
 
+def fused_config(bm: int, bn: int, bk: int, split_k: int = 1) -> FusedConfig:
+    """The launch config of a tile: 3 pipeline stages, 2 for 64 tokens × 32 rows (3 spill there under Triton 3.9)."""
+    return FusedConfig(bm, bn, bk, split_k, stages=2 if (bm >= 64 and bn == 32) else 3)
+
+
 def token_tile(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -301,7 +306,7 @@ def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> FusedConfig:
         if tiles * blocks >= WAVES * sms or i == len(tiles_list) - 1:
             per = max(1, blocks // triton.cdiv(WAVES * sms, tiles))  # K-blocks per split (the last: no more)
             split = triton.cdiv(blocks, per)
-            return FusedConfig(bm, bn, bk, split)
+            return fused_config(bm, bn, bk, split)
     raise AssertionError("unreachable")
 
 
@@ -517,19 +522,21 @@ def fused_variants() -> list[tuple[FusedConfig, int, bool, torch.dtype]]:
             for bits in (2, 3, 4, 8):
                 for affine in (False, True):
                     for dt in FUSED_DTYPES:
-                        out.append((FusedConfig(bm, bn, bk), bits, affine, dt))
+                        out.append((fused_config(bm, bn, bk), bits, affine, dt))
     return out
 
 
 def compile_variants(quick: bool = False) -> list[CompileVariant]:
     """Launches of every fused/dequant variant (``quick``: the representative set CI compiles — 3/4 bits, bf16, table
-    and affine decode on the main tiles of 16 and 64 tokens, the small-layer tiles at 4 bits, the dequant kernel)."""
+    and affine decode on the main tiles of 16 and 64 tokens, the small-layer tiles at 4 bits (16 tokens) and at 3-bit
+    affine (64 tokens: the heaviest decode), the dequant kernel)."""
     n, k = 3072, 3072
     specs = fused_variants()
     if quick:
         main = {(16, *TILES_M16[0]), (64, *TILES[0])}
         specs = [s for s in specs if s[1] in (3, 4) and s[3] == torch.bfloat16
-                 and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4))]
+                 and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4)
+                      or (s[0].bm == 64 and s[1] == 3 and s[2]))]
     out = []
     for cfg, bits, affine, dt in specs:
         def go(cfg=cfg, bits=bits, affine=affine, dt=dt):
