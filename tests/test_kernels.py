@@ -238,30 +238,50 @@ def _assert_written_exactly(buf: torch.Tensor, out: torch.Tensor) -> None:
     assert guard.all(), "kernel wrote outside the output view"
 
 
-FUSED_CASES = list(itertools.product([3, 4], ["channel", "layer"], [1, 7, 33], [72, 100, 200], [40, 72]))
+# every decode (2/3/4/8 bits, table and affine), M = 1, 7, 16, 33 (token tiles 16/32/64), K with and without a tail
+# tile; n = 40 leaves a partial weight tile
+FUSED_CASES = [
+    *itertools.product([3, 4], ["channel", "layer"], [1, 7, 16, 33], [64, 320], [40]),
+    *itertools.product([2, 8], ["channel"], [7], [160], [72]),
+]
+
+
+def affine_table(n, bits, dtype, seed=0):
+    """A UAQ table (per channel ``(level - zero) * delta``), as :func:`quant.quantizers.uaq_codes` builds it."""
+    g = torch.Generator().manual_seed(seed)
+    zero = torch.round(torch.rand(n, 1, generator=g) * (1 << bits))
+    delta = torch.rand(n, 1, generator=g) * 0.1 + 1e-3
+    return ((torch.arange(1 << bits)[None, :] - zero) * delta).to(dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits,kind,m,k,n", FUSED_CASES)
 def test_triton_fused_vs_oracle(bits, kind, m, k, n, dtype):
     seed = bits * 1_000_003 + m * 1009 + k * 31 + n + (kind == "layer")
-    _, packed, lut = make_weight(n, k, bits, kind, seed=seed, device=DEV)
+    _, packed, lut = make_weight(n, k, bits, kind, seed=seed, lut_dtype=dtype, device=DEV)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
     bias = torch.randn(n, dtype=dtype, device=DEV) if m != 7 else None
     buf, out = _poisoned_out(m, n, dtype)
-    tri.fused_into(
-        _guarded(x, float("nan")),
-        _guarded(packed, 0xFF),
-        _guarded(lut, float("nan")),
-        bits,
-        k,
-        bias,
-        out,
-        config=tri.heuristic_config(m),
-    )
+    tri.fused_into(_guarded(x, float("nan")), _guarded(packed, 0xFF), _guarded(lut, float("nan")), bits, k, bias, out)
     _assert_written_exactly(buf, out)
     assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, kind), bias)) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,m,k", [(3, 1, 320), (3, 33, 64), (4, 7, 320), (4, 16, 64), (2, 5, 160), (8, 5, 64)])
+def test_triton_fused_affine_vs_oracle(bits, m, k, dtype):
+    """UAQ tables decode with one FMA from the table's ends: within the dtype's tolerance of the stored table."""
+    n = 40
+    codes, packed, _ = make_weight(n, k, bits, "channel", seed=bits + m + k, device=DEV)
+    lut = affine_table(n, bits, dtype, seed=m).to(DEV)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEV)
+    bias = torch.randn(n, dtype=dtype, device=DEV)
+    buf, out = _poisoned_out(m, n, dtype)
+    tri.fused_into(_guarded(x, float("nan")), _guarded(packed, 0xFF), lut, bits, k, bias, out, affine=True)
+    _assert_written_exactly(buf, out)
+    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"), bias)) < TOL[dtype]
 
 
 @needs_triton
@@ -313,44 +333,90 @@ def test_triton_public_lut_linear_dtypes(lut_dtype, x_dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize(
-    "config", [(16, 16, 16, 4, 1), (32, 16, 32, 4, 1), (16, 64, 128, 4, 3), (64, 128, 32, 8, 3)]
-)
-@pytest.mark.parametrize("reg_lut", [False, True])
-def test_triton_fused_tile_configs(config, reg_lut):
-    m, n, k, bits = 33, 72, 200, 3
-    _, packed, lut = make_weight(n, k, bits, "channel", seed=21, device=DEV)
-    x = torch.randn(m, k, device=DEV)
-    buf, out = _poisoned_out(m, n, torch.float32)
-    tri.fused_into(x, packed, lut, bits, k, None, out, config=config, reg_lut=reg_lut)
+@pytest.mark.parametrize("config", [(16, 32, 32, 1), (16, 32, 32, 4), (32, 64, 64, 2), (16, 64, 256, 1),
+                                    (64, 32, 128, 3)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_triton_fused_tile_configs(config, affine):
+    """Every tile shape, split-K off and on (fp32 partials summed), table and affine decode."""
+    m, n, k, bits = 33, 72, 320, 3
+    _, packed, lut = make_weight(n, k, bits, "channel", seed=21, lut_dtype=torch.float16, device=DEV)
+    lut = affine_table(n, bits, torch.float16).to(DEV) if affine else lut
+    x = torch.randn(m, k, device=DEV).half()
+    bias = torch.randn(n, device=DEV).half()
+    buf, out = _poisoned_out(m, n, torch.float16)
+    tri.fused_into(x, packed, lut, bits, k, bias, out, config=tri.FusedConfig(*config), affine=affine)
     _assert_written_exactly(buf, out)
-    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"))) < 1e-5
+    expected = oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"), bias)
+    assert rel_err(out, expected) < TOL[torch.float16]
 
 
 @needs_triton
-def test_triton_rejects_small_tiles():
-    _, packed, lut = make_weight(8, 16, 4, "channel", device=DEV)
-    x, out = torch.randn(2, 16, device=DEV), torch.empty(2, 8, device=DEV)
-    with pytest.raises(AssertionError, match="tile sizes must be >= 16"):
-        tri.fused_into(x, packed, lut, 4, 16, None, out, config=(8, 16, 16, 4, 1))
+def test_triton_split_k_matches_unsplit():
+    m, n, k, bits = 5, 40, 320, 4
+    _, packed, lut = make_weight(n, k, bits, "layer", seed=3, lut_dtype=torch.float16, device=DEV)
+    x = torch.randn(m, k, device=DEV).half()
+    outs = []
+    for split in (1, 3, 10):  # 10 blocks of 32: one K-step per split
+        out = torch.empty(m, n, dtype=torch.float16, device=DEV)
+        outs.append(tri.fused_into(x, packed, lut, bits, k, None, out, config=tri.FusedConfig(16, 32, 32, split)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[0], rtol=2e-3, atol=2e-3)
 
 
 @needs_triton
-def test_triton_autotuned_wrapper_with_stub_bench():
-    timings = iter(range(1, 100))
+def test_fused_config_rejects_bad_tiles():
+    with pytest.raises(ValueError, match="BM, BN >= 16 and BK a multiple of 32"):
+        tri.FusedConfig(8, 16, 32)
+    with pytest.raises(ValueError, match="BM, BN >= 16 and BK a multiple of 32"):
+        tri.FusedConfig(16, 16, 48)
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        tri.FusedConfig(16, 32, 32, 0)
 
-    def stub(fn, quantiles):
-        fn()
-        t = float(next(timings))
-        return [t, t, t]
 
-    tuned = tri.make_autotuned(tri._SMALL_M_CONFIGS[:2], do_bench=stub)
-    m, n, k, bits = 5, 72, 100, 4
-    _, packed, lut = make_weight(n, k, bits, "layer", seed=31, device=DEV)
-    x, bias = torch.randn(m, k, device=DEV), torch.randn(n, device=DEV)
-    out = torch.full((m, n), float("nan"), device=DEV)
-    tri.fused_into(x, packed, lut, bits, k, bias, out, tuned=tuned)
-    assert rel_err(out, oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "layer"), bias)) < 1e-5
+@needs_triton
+@pytest.mark.parametrize("model", ["pixart", "sdxl", "flux"])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_plan_covers_two_waves(model, m):
+    """Every PixArt/SDXL/Flux layer shape gets >= 2 waves of 132 SMs, K split into whole K-blocks, none empty."""
+    for n, k in tri.MODEL_SHAPES[model]:
+        cfg = tri.plan(m, n, k, sms=132)
+        blocks = -(-k // cfg.bk)
+        per = -(-blocks // cfg.split_k)
+        assert -(-blocks // per) == cfg.split_k, cfg  # no empty split
+        programs = -(-n // cfg.bn) * -(-m // cfg.bm) * cfg.split_k
+        assert programs >= 2 * 132, (n, k, cfg, programs)
+        assert cfg.bm == tri.token_tile(m)
+
+
+@needs_triton
+def test_triton_fused_rejects_fp32_and_unaligned_rows():
+    _, packed, lut = make_weight(8, 64, 4, "channel", device=DEV)
+    out = torch.empty(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        tri.fused_into(torch.randn(2, 64, device=DEV), packed, lut, 4, 64, None, out)
+    _, packed, lut = make_weight(8, 100, 4, "channel", device=DEV)  # 50-byte rows
+    with pytest.raises(ValueError, match="4-byte boundaries"):
+        tri.fused_into(torch.randn(2, 100, device=DEV).half(), packed, lut.half(), 4, 100, None, out.half())
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["fp32", "unaligned", "uaq"])
+def test_triton_linear_dispatch(monkeypatch, case):
+    """fp32 activations and unaligned rows take dequantize + matmul; UAQ weights the affine fused decode."""
+    k = 100 if case == "unaligned" else 64
+    n, bits = 24, 3
+    _, packed, lut = make_weight(n, k, bits, "channel", seed=5, lut_dtype=torch.float16, device=DEV)
+    lut = affine_table(n, bits, torch.float16).to(DEV) if case == "uaq" else lut
+    weight = PackedWeight.from_parts(packed, lut, PackedLayout("uaq" if case == "uaq" else "kmeans_c", bits, (n, k),
+                                                               torch.float16))
+    x = torch.randn(3, k, device=DEV).to(torch.float32 if case == "fp32" else torch.float16)
+    calls = []
+    real = tri.fused_into
+    monkeypatch.setattr(tri, "fused_into", lambda *a, **kw: calls.append(kw.get("affine")) or real(*a, **kw))
+    y = tri.linear(x, weight)
+    assert calls == ([True] if case == "uaq" else [])
+    expected = oracle_linear(x, oracle_weight(packed, lut, bits, n, k, "channel"))
+    assert y.dtype == x.dtype and rel_err(y, expected) < TOL[torch.float16]
 
 
 @needs_triton

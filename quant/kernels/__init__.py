@@ -5,8 +5,9 @@ a dequantize) and two operations, ``linear(x, w, bias, chunk_rows)`` and ``dequa
 Backends are tried in registration order; the pure-PyTorch ``reference`` comes last, handles every call, and is the
 oracle the others are tested against.
 
-* ``triton`` — fused LUT GEMM for ``M <= FUSED_MAX_M`` rows, dequant kernel + cuBLAS above (:mod:`.triton_lut`);
-  CUDA tensors, per-layer/per-channel tables, fp16/bf16/fp32. Imported on first use; an import failure is reported
+* ``triton`` — swap-AB split-K LUT GEMM for fp16/bf16 with ``M <= FUSED_MAX_M`` rows, dequant kernel + cuBLAS
+  otherwise (more rows, fp32, rows not on 4-byte boundaries) (:mod:`.triton_lut`); CUDA tensors, per-layer and
+  per-channel tables. Imported on first use; an import failure is reported
   once and the backend stays unused.
 * ``reference`` — everything else (CPU, group-wise tables, float64, …).
 

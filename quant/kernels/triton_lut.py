@@ -1,172 +1,323 @@
-"""Triton LUT kernels: fused "unpack → table lookup → ``tl.dot``" GEMM and a dequantize-to-dense kernel.
+"""Triton LUT kernels: a split-K "swap AB" GEMM for few tokens and a dequantize-to-dense kernel for the rest.
 
 Weights use the packed layout of :mod:`..packing` (codes along K inside each output row; 3-bit as
-``[lo2 plane | hi1 plane]``). Tables: per channel (``lut [N, 2**bits]``) or per layer (``[1, 2**bits]``,
-row stride 0). Group-wise tables are reference-only. Activations fp16/bf16/fp32, fp32 accumulation.
+``[lo2 plane | hi1 plane]``). Tables: per channel (``lut [N, 2**bits]``) or per layer (``[1, 2**bits]``, row stride
+0). Group-wise tables are reference-only.
 
-Dispatch in :func:`lut_linear`: ``M <= FUSED_MAX_M`` → fused kernel; larger ``M`` → :func:`dequantize`
-(in row chunks) + ``F.linear`` (cuBLAS). ``TRITON_INTERPRET=1`` must be set *before* this module is imported
-to run on CPU tensors (interpreter: one fixed config, bf16 tiles upcast to fp32 before ``tl.dot``).
+**Fused GEMM** (:func:`fused_into`, fp16/bf16 activations, ``M <= FUSED_MAX_M`` tokens): ``out^T = W · x^T`` — the
+decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (masked loads, no
+padded copy). Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and decoded with shifts and
+masks; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
+gather or an int→float conversion: the code bits, where they lie in the word (4/8 bits) or moved to the top of the
+mantissa, are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``,
+``D = delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the
+table's dtype from the stored table). K is split over ``split_k`` programs (fp32 partials,
+summed in order: deterministic) so that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
 
-Environment: ``QUA2SEDIMO_FUSED_MAX_M`` (default 256), ``QUA2SEDIMO_TRITON_AUTOTUNE=0`` (use the fixed
-heuristic configs on GPU), ``QUA2SEDIMO_TRITON_REG_LUT=1`` (table held in registers + ``tl.gather`` instead
-of a pointer gather from the L1-resident table).
+**Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
+aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
+the output (no copy). Rows whose packed length is not a multiple of 4 bytes also take this path.
+
+Threshold (no GPU measured yet: a roofline estimate for an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``.
+The fused kernel decodes every weight once per 64-token tile (5-10 SASS instructions per weight, measured by
+``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read of the bf16
+weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps a margin
+until ``bench/gpu_check.py`` measures it.
+
+``TRITON_INTERPRET=1`` must be set *before* this module is imported to run on CPU tensors (tests: bf16 tiles are
+upcast to fp32 before ``tl.dot``). ``QUA2SEDIMO_FUSED_MAX_M`` overrides the threshold.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..packed import PackedWeight
-from ..packing import padded_length
-from .reference import check_activation, chunked_linear, row_range
+from ..packing import packed_length, padded_length
+from .reference import CHUNK_WEIGHTS, check_activation, row_range
 
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_M = int(os.environ.get("QUA2SEDIMO_FUSED_MAX_M", "256"))
-AUTOTUNE = not INTERPRET and os.environ.get("QUA2SEDIMO_TRITON_AUTOTUNE", "1") != "0"
-REG_LUT = os.environ.get("QUA2SEDIMO_TRITON_REG_LUT") == "1"
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-__all__ = ["dequantize", "linear", "supports", "NAME", "INTERPRET", "FUSED_MAX_M"]
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+DEFAULT_SMS = 132  # H100 SXM; the device's own count is used where there is one
+__all__ = ["dequantize", "linear", "supports", "plan", "FusedConfig", "NAME", "INTERPRET", "FUSED_MAX_M"]
+
+
+# ----------------------------------------------------------------------------------------------- decoding
 
 
 @triton.jit
-def _load_codes(q_ptr, rn, rk, mask, stride_qn, hi_off, BITS: tl.constexpr):
-    """Decode the int32 code tile ``[BN, BK]`` of rows ``rn`` and inputs ``rk`` (masked entries → 0)."""
+def _shift(v, s: tl.constexpr):
+    """``v << s`` (``s >= 0``) or ``v >> -s``; callers mask the bits they keep."""
+    if s >= 0:
+        r = v << s
+    else:
+        r = v >> (-s)
+    return r
+
+
+@triton.jit
+def _dec(words, hi16, lut_rows, d, t, t_one, j: tl.constexpr, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    """Weight of code ``j`` of each word (3-bit: of the lo word / the aligned 16 hi bits ``hi16``).
+
+    Affine: the code goes to the top of an fp32 mantissa whose exponent bits ``t_one`` (``0x3F800000``, a runtime
+    value so that it stays in a register) make ``1 + c / 2**BITS``, then one FMA with ``d = 2**BITS * delta``,
+    ``t = t0 - d`` (no int→float conversion). Table: one gather at an int32 offset."""
+    if BITS == 3:
+        if AFFINE:
+            bits = ((_shift(words, 20 - 2 * j) & (3 << 20)) | (_shift(hi16, 22 - j) & (1 << 22))) | t_one
+            w = bits.to(tl.float32, bitcast=True) * d + t
+        else:
+            w = tl.load(lut_rows + (((words >> (2 * j)) & 3) | (_shift(hi16, 2 - j) & 4)))
+    else:
+        if AFFINE:
+            top: tl.constexpr = 23 - BITS
+            bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
+            w = bits.to(tl.float32, bitcast=True) * d + t
+        else:
+            w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
+    return w
+
+
+@triton.jit
+def _aq(src, q: tl.constexpr, BITS: tl.constexpr, delta, t0, t_one):
+    """Affine weight of the code at bits ``q .. q + BITS - 1`` of ``src`` taken where it lies: mantissa bits
+    ``1 + c * 2**(q - 23)`` (one LOP3), then one FMA with ``D = delta * 2**(23 - q)`` and ``t0 - D`` (hoisted; its
+    rounding error is ``2**-24 * D <= delta * 2**-9`` for ``q >= 8``)."""
+    D: tl.constexpr = float(1 << (23 - q))
+    bits = (src & (((1 << BITS) - 1) << q)) | t_one
+    return bits.to(tl.float32, bitcast=True) * (delta * D) + (t0 - delta * D)
+
+
+@triton.jit
+def _j4(a0, a1, a2, a3):
+    """``[..., 2, 2]`` whose row-major flattening is ``a0, a1, a2, a3`` (the joined axes live in registers)."""
+    return tl.join(tl.join(a0, a2), tl.join(a1, a3))
+
+
+@triton.jit
+def _j8(a0, a1, a2, a3, a4, a5, a6, a7):
+    return tl.join(_j4(a0, a2, a4, a6), _j4(a1, a3, a5, a7))
+
+
+@triton.jit
+def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    return tl.join(_j8(a0, a2, a4, a6, a8, a10, a12, a14), _j8(a1, a3, a5, a7, a9, a11, a13, a15))
+
+
+@triton.jit
+def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
+             AFFINE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
+    affine: ``d`` = delta, ``t`` = T[0], ``one`` the exponent bits), inputs ``k0 .. k0 + BK``, from 32-bit code
+    words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words past the row read as code 0 (the
+    activations there are 0)."""
+    row = q_ptr + rn[:, None] * stride_qw
+    PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    kw = k0 // PER + tl.arange(0, BK // PER)
+    wmask = n_mask[:, None] & (kw < tl.cdiv(K, PER))[None, :]
+    wd = tl.load(row + kw[None, :], mask=wmask, other=0)
+    if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
+        d, t = d * (1 << BITS), t - d * (1 << BITS)
+    if BITS == 3:  # the 16 hi bits of lo word kw: half kw % 2 of hi word kw // 2
+        hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
+        h = hi >> ((kw % 2) * 16)[None, :]
+    else:
+        h = wd
+    if AFFINE and BITS == 4:  # nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift
+        wl = wd << 8
+        wr = wd >> 12
+        w = _j8(_aq(wl, 8, 4, d, t, one), _aq(wl, 12, 4, d, t, one), _aq(wd, 8, 4, d, t, one),
+                _aq(wd, 12, 4, d, t, one), _aq(wd, 16, 4, d, t, one), _aq(wr, 8, 4, d, t, one),
+                _aq(wr, 12, 4, d, t, one), _aq(wr, 16, 4, d, t, one))
+    elif AFFINE and BITS == 8:
+        w = _j4(_aq(wd << 8, 8, 8, d, t, one), _aq(wd, 8, 8, d, t, one), _aq(wd >> 8, 8, 8, d, t, one),
+                _aq(wd >> 16, 8, 8, d, t, one))
+    elif PER == 4:
+        w = _j4(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE))
+    elif PER == 8:
+        w = _j8(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
+                _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE))
+    else:
+        w = _j16(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 8, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 9, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 10, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 11, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 12, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 13, BITS, AFFINE),
+                 _dec(wd, h, lr, d, t, one, 14, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 15, BITS, AFFINE))
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _codes_bytes(q_ptr, rn, rk, mask, stride_qn, hi_off, BITS: tl.constexpr):
+    """Int32 codes ``[BN, BK]`` read byte by byte (rows not 4-byte aligned; masked entries → 0)."""
     row = q_ptr + rn[:, None].to(tl.int64) * stride_qn
     if BITS == 8:
         code = tl.load(row + rk[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
-    elif BITS == 4:
-        b = tl.load(row + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
-        code = (b >> ((rk % 2) * 4)[None, :]) & 0xF
-    elif BITS == 2:
-        b = tl.load(row + (rk // 4)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
-        code = (b >> ((rk % 4) * 2)[None, :]) & 0x3
-    else:  # 3-bit bit planes: [lo2 plane (K8 / 4 bytes) | hi1 plane (K8 / 8 bytes)]
+    elif BITS == 3:
         lo = tl.load(row + (rk // 4)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
         hi = tl.load(row + hi_off + (rk // 8)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
         code = ((lo >> ((rk % 4) * 2)[None, :]) & 0x3) | (((hi >> (rk % 8)[None, :]) & 0x1) << 2)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        b = tl.load(row + (rk // PER)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
+        code = (b >> ((rk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
     return code
+
+
+@triton.jit
+def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
+    """``(delta, T[0])`` fp32 per row of an affine table ``T[c] = T[0] + c * delta`` (from its two ends)."""
+    t0 = tl.load(lut_ptr + rn * stride_lut, mask=n_mask, other=0.0).to(tl.float32)
+    t1 = tl.load(lut_ptr + rn * stride_lut + ((1 << BITS) - 1), mask=n_mask, other=0.0).to(tl.float32)
+    return (t1 - t0) / ((1 << BITS) - 1), t0
+
+
+# ----------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _lut_gemm_kernel(
     x_ptr, q_ptr, lut_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_qn, stride_lut, stride_om, hi_off, M_BUCKET,
-    BITS: tl.constexpr, NLEV: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    REG_LUT: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split, one_bits,
+    BITS: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """``out[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with ``W[n, k] = lut[n * stride_lut + code[n, k]]``."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    rm = pid_m * BM + tl.arange(0, BM)
+    """Split ``pid(1)`` of ``out^T[N, M] = W[N, K] · x[M, K]^T`` for rows ``pid(0)``, tokens ``pid(2)``: written to
+    ``out + pid(1) * stride_os`` (fp32 partials when split, else the output; bias added by split 0)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
-    m_mask = rm < M
+    rm = pid_m * BM + tl.arange(0, BM)
     n_mask = rn < N
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    lut_rows = lut_ptr + rn[:, None] * stride_lut
-    if REG_LUT:
-        table = tl.load(lut_rows + tl.arange(0, NLEV)[None, :], mask=n_mask[:, None], other=0.0)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    m_mask = rm < M
+    lut_rows = lut_ptr + tl.minimum(rn, N - 1) * stride_lut  # int32 offsets; rows past N: clamped, never stored
+    if AFFINE:
+        d, t = _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS)
+        d, t = d[:, None], t[:, None]
+    else:
+        d, t = 0.0, 0.0
+    x_cols = x_ptr + rm[None, :] * stride_xm
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
-        k_mask = rk < K
-        a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        code = _load_codes(q_ptr, rn, rk, w_mask, stride_qn, hi_off, BITS)
-        if REG_LUT:
-            w = tl.gather(table, code, 1)
-        else:
-            w = tl.load(lut_rows + code, mask=n_mask[:, None], other=0.0)
+        xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None] & m_mask[None, :], other=0.0)
+        w = _weights(q_ptr, rn, n_mask, lut_rows[:, None], d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                     BN, BK)
         if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-        elif IEEE:  # fp32 activations: full fp32 products (no TF32), like F.linear's default
-            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision="ieee")
+            acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
         else:
-            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(bias_ptr + rn, mask=n_mask & (rn * 0 + pid_s == 0), other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
 def _lut_dequant_kernel(
-    q_ptr, lut_ptr, out_ptr, N, K, stride_qn, stride_lut, stride_on, hi_off,
-    BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    q_ptr, lut_ptr, out_ptr, N, K, stride_q, stride_lut, stride_on, hi_off,
+    BITS: tl.constexpr, WORDS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """``out[n, k] = lut[n * stride_lut + code[n, k]]`` for a ``[BN, BK]`` tile per program."""
+    """``out[n, k] = lut[n * stride_lut + code[n, k]]`` for a ``[BN, BK]`` tile per program (``WORDS``: ``q_ptr`` is
+    an int32 view and ``stride_q``/``hi_off`` count words, else bytes)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    k0 = tl.program_id(1) * BK
+    rk = k0 + tl.arange(0, BK)
     n_mask = rn < N
     mask = n_mask[:, None] & (rk < K)[None, :]
-    code = _load_codes(q_ptr, rn, rk, mask, stride_qn, hi_off, BITS)
-    w = tl.load(lut_ptr + rn[:, None] * stride_lut + code, mask=mask, other=0.0)
+    lut_rows = lut_ptr + tl.minimum(rn, N - 1)[:, None] * stride_lut
+    if WORDS:
+        w = _weights(q_ptr, rn, n_mask, lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False, BN, BK)
+    else:
+        w = tl.load(lut_rows + _codes_bytes(q_ptr, rn, rk, mask, stride_q, hi_off, BITS))
     out = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------- configs
-
-# (BM, BN, BK, num_warps, num_stages); GROUP_M = 8 everywhere.
-_SMALL_M_CONFIGS = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3),
-                    (32, 64, 64, 4, 4), (32, 128, 64, 4, 3)]  # fmt: skip
-_MID_M_CONFIGS = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 64, 4, 3),
-                  (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]  # fmt: skip
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "BITS", "HAS_BIAS", "REG_LUT", "IEEE"]
+# ----------------------------------------------------------------------------------------------- planning
 
 
-def make_autotuned(configs: list[tuple[int, int, int, int, int]], do_bench: Callable | None = None) -> Any:
-    """Wrap the fused kernel in ``triton.autotune`` over ``configs`` (``do_bench``: interpreter stub)."""
-    cfgs = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in configs
-    ]
-    for bm, bn, bk, *_ in configs:
-        _check_tiles(bm, bn, bk)
-    kwargs = {} if do_bench is None else {"do_bench": do_bench}
-    return triton.autotune(cfgs, key=_AUTOTUNE_KEY, **kwargs)(_lut_gemm_kernel)
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tiles of one fused launch: tokens ``bm``, weight rows ``bn``, inputs ``bk``; ``split_k`` programs over K."""
+
+    bm: int
+    bn: int
+    bk: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 3
+
+    def __post_init__(self) -> None:
+        # tl.dot on GPU needs every tile dim >= 16; 3-bit tiles hold whole hi-plane words (32 codes)
+        if min(self.bm, self.bn, self.bk) < 16 or self.bk % 32:
+            raise ValueError(f"fused tiles need BM, BN >= 16 and BK a multiple of 32, got {self}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def heuristic_config(m: int) -> tuple[int, int, int, int, int]:
-    """Fixed config (interpreter, or ``QUA2SEDIMO_TRITON_AUTOTUNE=0``): ``(BM, BN, BK, warps, stages)``."""
-    if m <= 16:
-        return (16, 64, 64, 4, 4)
-    if m <= 32:
-        return (32, 64, 64, 4, 4)
-    if m <= 64 or INTERPRET:
-        return (64, 64, 64, 4, 4)
-    return (128, 128, 32, 8, 3)
+#: (BN, BK) tried in order: the first whose grid reaches two waves wins (small layers need the smaller tiles);
+#: 16-token tiles decode twice as many weights per K-step (the loop's fixed cost spread thinner)
+TILES = ((64, 128), (32, 64), (32, 32))
+TILES_M16 = ((64, 256), (32, 64), (32, 32))
 
 
-def _check_tiles(bm: int, bn: int, bk: int) -> None:
-    # tl.dot on GPU needs every tile dim >= 16 (the interpreter would silently accept less)
-    assert min(bm, bn, bk) >= 16, f"tile sizes must be >= 16, got BM={bm}, BN={bn}, BK={bk}"
-    assert bk % 8 == 0, f"BK must be a multiple of 8, got {bk}"
+def tiles_for(bm: int) -> tuple[tuple[int, int], ...]:
+    return TILES_M16 if bm == 16 else TILES
+WAVES = 2
 
 
-_TUNED: dict[str, Any] = {}
+def fused_config(bm: int, bn: int, bk: int, split_k: int = 1) -> FusedConfig:
+    """The launch config of a tile: 3 pipeline stages, 2 for 64 tokens × 32 rows (3 spill there under Triton 3.9)."""
+    return FusedConfig(bm, bn, bk, split_k, stages=2 if (bm >= 64 and bn == 32) else 3)
 
 
-def _tuned_kernel(m: int) -> Any:
-    name = "small" if m <= 32 else "mid"
-    if name not in _TUNED:
-        _TUNED[name] = make_autotuned(_SMALL_M_CONFIGS if name == "small" else _MID_M_CONFIGS)
-    return _TUNED[name]
+def token_tile(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> FusedConfig:
+    """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight: the first of :data:`TILES` whose
+    ``N-tiles × M-tiles × K-blocks`` reach ``WAVES × sms`` programs, K split just enough for that (every split the same
+    whole number of K-blocks, the last one fewer); else the smallest tiles, K split completely."""
+    bm = token_tile(m)
+    tiles_list = tiles_for(bm)
+    for i, (bn, bk) in enumerate(tiles_list):
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        blocks = triton.cdiv(k, bk)
+        if tiles * blocks >= WAVES * sms or i == len(tiles_list) - 1:
+            per = max(1, blocks // triton.cdiv(WAVES * sms, tiles))  # K-blocks per split (the last: no more)
+            split = triton.cdiv(blocks, per)
+            return fused_config(bm, bn, bk, split)
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=8)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    return _sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else DEFAULT_SMS
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
@@ -192,11 +343,28 @@ def _check_supported(kind: str, device: torch.device) -> None:
 
 
 def _hi_off(bits: int, k_in: int) -> int:
+    """Byte offset of the 3-bit hi plane inside a row (0 otherwise)."""
     return padded_length(k_in, 3) // 4 if bits == 3 else 0
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def word_aligned(codes: torch.Tensor, bits: int, k_in: int) -> bool:
+    """Rows (and the 3-bit hi plane) start on 4-byte boundaries: the word-wise decode applies."""
+    row = codes.stride(0) if codes.shape[0] > 1 else packed_length(k_in, bits)
+    return (codes.stride(-1) == 1 and row % 4 == 0 and _hi_off(bits, k_in) % 4 == 0
+            and codes.data_ptr() % 4 == 0 and (bits != 3 or padded_length(k_in, 3) % 32 == 0))
+
+
+def _word_view(codes: torch.Tensor) -> torch.Tensor:
+    """The bytes from ``codes``' first byte to the end of its storage as int32 words (no copy; the kernels index
+    rows by their word stride)."""
+    base = codes.storage_offset()
+    flat = torch.as_strided(codes, (codes.untyped_storage().nbytes() - base,), (1,))
+    usable = flat.numel() // 4 * 4
+    return flat[:usable].view(torch.int32)
 
 
 def dequant_into(
@@ -206,13 +374,18 @@ def dequant_into(
     n = codes.shape[0]
     if n == 0:
         return out
-    codes, lut = _row_major(codes), _row_major(lut)
+    lut = _row_major(lut)
+    words = word_aligned(codes, bits, k_in)
     bn, bk = (32, 128) if INTERPRET else (16, 256)  # no tl.dot here: any power-of-2 tile works
     grid = (triton.cdiv(n, bn), triton.cdiv(k_in, bk))
     stride_lut = lut.stride(0) if lut.shape[0] > 1 else 0
+    if words:
+        q, stride_q, hi = _word_view(codes), codes.stride(0) // 4, _hi_off(bits, k_in) // 4
+    else:
+        codes = _row_major(codes)
+        q, stride_q, hi = codes, codes.stride(0), _hi_off(bits, k_in)
     _lut_dequant_kernel[grid](
-        codes, lut, out, n, k_in, codes.stride(0), stride_lut, out.stride(0), _hi_off(bits, k_in),
-        BITS=bits, BN=bn, BK=bk,
+        q, lut, out, n, k_in, stride_q, stride_lut, out.stride(0), hi, BITS=bits, WORDS=words, BN=bn, BK=bk,
     )  # fmt: skip
     return out
 
@@ -225,41 +398,37 @@ def fused_into(
     k_in: int,
     bias: torch.Tensor | None,
     out: torch.Tensor,
-    config: tuple[int, int, int, int, int] | None = None,
-    reg_lut: bool | None = None,
-    tuned: Any = None,
+    config: FusedConfig | None = None,
+    affine: bool = False,
 ) -> torch.Tensor:
-    """Launch the fused GEMM: ``out [M, N] = x2 [M, K] @ W^T (+ bias)``; ``config`` pins the tiles,
-    ``tuned`` an autotuned kernel (default: autotune on GPU, :func:`heuristic_config` otherwise)."""
+    """Launch the fused GEMM: ``out [M, N] = x2 [M, K] @ W^T (+ bias)`` for fp16/bf16 ``x2`` and word-aligned
+    ``codes`` (:func:`word_aligned`); ``config`` pins tiles and split (default :func:`plan`); ``affine``: decode
+    with one FMA from the table's first and last entries (UAQ tables)."""
     m, n = x2.shape[0], codes.shape[0]
+    if x2.dtype not in FUSED_DTYPES:
+        raise ValueError(f"fused kernel: activations must be float16/bfloat16, got {x2.dtype} (fp32 takes the "
+                         "dequantize + F.linear path)")
+    if not word_aligned(codes, bits, k_in):
+        raise ValueError("fused kernel: packed rows must start on 4-byte boundaries (use linear(), which falls back)")
     if m == 0 or n == 0:
         return out
-    x2, codes, lut = _row_major(x2), _row_major(codes), _row_major(lut)
+    x2, lut = _row_major(x2), _row_major(lut)
+    cfg = config or plan(m, n, k_in, device_sms(x2.device))
+    k_per_split = triton.cdiv(triton.cdiv(k_in, cfg.bk), cfg.split_k) * cfg.bk
+    split = triton.cdiv(k_in, k_per_split)
     bias = None if bias is None else bias.contiguous()
-    args = (
-        x2, codes, lut, out if bias is None else bias, out, m, n, k_in,
-        x2.stride(0), codes.stride(0), lut.stride(0) if lut.shape[0] > 1 else 0, out.stride(0),
-        _hi_off(bits, k_in), min(triton.next_power_of_2(m), 4096),
-    )  # fmt: skip
-    consts = {
-        "BITS": bits,
-        "NLEV": 1 << bits,
-        "HAS_BIAS": bias is not None,
-        "UPCAST": INTERPRET and x2.dtype == torch.bfloat16,
-        "REG_LUT": REG_LUT if reg_lut is None else reg_lut,
-        "IEEE": x2.dtype == torch.float32,
-    }
-    if tuned is None and config is None and AUTOTUNE:
-        tuned = _tuned_kernel(m)
-    if tuned is not None:
-        tuned[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)](*args, **consts)
-        return out
-    bm, bn, bk, warps, stages = config or heuristic_config(m)
-    _check_tiles(bm, bn, bk)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    stride_om = out.stride(0) if split == 1 else n
+    grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, cfg.bm))
     _lut_gemm_kernel[grid](
-        *args, **consts, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages
-    )
+        x2, _word_view(codes), lut, target if bias is None else bias, target, m, n, k_in, x2.stride(0),
+        codes.stride(0) // 4 if n > 1 else packed_length(k_in, bits) // 4, lut.stride(0) if lut.shape[0] > 1 else 0,
+        stride_om, m * n, _hi_off(bits, k_in) // 4, k_per_split, 0x3F800000,
+        BITS=bits, AFFINE=affine, HAS_BIAS=bias is not None, UPCAST=INTERPRET and x2.dtype == torch.bfloat16,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    if split > 1:
+        out.copy_(target.sum(dim=0))  # splits summed in order: deterministic
     return out
 
 
@@ -276,10 +445,32 @@ def dequantize(w: PackedWeight, dtype: torch.dtype | None = None, rows: slice | 
     return dequant_into(w.codes[r0:r1], lut[r0:r1] if lay.table_kind == "channel" else lut, lay.bits, lay.k_in, out)
 
 
+def _dequant_matmul(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, chunk_rows: int | None,
+                    dequant: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` with ``W`` dequantized ``chunk_rows`` output rows at a time, each chunk's product
+    written by cuBLAS straight into its columns of the output (a row-major view with leading dimension N)."""
+    n_out, k_in = w.packing.n_out, w.packing.k_in
+    rows = chunk_rows or max(1, CHUNK_WEIGHTS // k_in)
+    b = None if bias is None else bias.to(x2.dtype)
+    if rows >= n_out:
+        wt = dequant(w, x2.dtype).t()
+        return torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
+    y = torch.empty(x2.shape[0], n_out, dtype=x2.dtype, device=x2.device)
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        wt = dequant(w, x2.dtype, rows=slice(r0, r1)).t()
+        if b is None:
+            torch.mm(x2, wt, out=y[:, r0:r1])
+        else:
+            torch.addmm(b[r0:r1], x2, wt, out=y[:, r0:r1])
+    return y
+
+
 def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
            chunk_rows: int | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for ``x [..., K]`` in ``x.dtype``: fused kernel for ``M <= FUSED_MAX_M``,
-    else dequantize (``chunk_rows`` output rows at a time, default ≤ 16M weights) + ``F.linear``."""
+    """``F.linear(x, W, bias)`` for ``x [..., K]`` in ``x.dtype``: fused kernel for fp16/bf16 with ``M <=
+    FUSED_MAX_M`` tokens (word-aligned rows), else dequantize (``chunk_rows`` output rows at a time, default ≤ 16M
+    weights) + cuBLAS."""
     lay = w.packing
     _check_supported(lay.table_kind, w.device)
     check_activation(x, w, bias)
@@ -287,10 +478,81 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
         raise ValueError(f"triton backend: x must be float16/bfloat16/float32, got {x.dtype}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    if x.numel() // lay.k_in > FUSED_MAX_M:
-        return chunked_linear(x, w, bias, chunk_rows, dequantize)
-    x2 = x.reshape(-1, lay.k_in)
-    out = torch.empty(x2.shape[0], lay.n_out, dtype=x.dtype, device=x.device)
-    lut = w.lut if w.lut.dtype == x.dtype else w.lut.to(x.dtype)  # the small table, in the GEMM's dtype
-    fused_into(x2, w.codes, lut, lay.bits, lay.k_in, bias, out)
-    return out.reshape(*x.shape[:-1], lay.n_out)
+    x2 = _row_major(x.reshape(-1, lay.k_in))
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], lay.n_out)
+    codes = w.codes
+    if m > FUSED_MAX_M or x.dtype not in FUSED_DTYPES or not word_aligned(codes, lay.bits, lay.k_in):
+        y = _dequant_matmul(x2, w, bias, chunk_rows, dequantize)
+    else:
+        y = torch.empty(m, lay.n_out, dtype=x.dtype, device=x.device)
+        lut = w.lut if w.lut.dtype == x.dtype or lay.method == "uaq" else w.lut.to(x.dtype)
+        fused_into(x2, codes, lut, lay.bits, lay.k_in, bias, y, affine=lay.method == "uaq")
+    return y.reshape(*x.shape[:-1], lay.n_out)
+
+
+# ----------------------------------------------------------------------------------------------- compile check
+
+
+@dataclass(frozen=True)
+class CompileVariant:
+    """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``)."""
+
+    name: str
+    launch: Callable[[], object]
+    weights_per_iter: int
+    gemm: bool
+
+
+#: the layer shapes (N, K) the plan is checked on: PixArt-Σ, SDXL, Flux
+MODEL_SHAPES = {
+    "pixart": ((1152, 1152), (4608, 1152), (1152, 4608)),
+    "sdxl": ((640, 640), (1280, 1280), (5120, 640), (640, 2560), (10240, 1280), (1280, 5120)),
+    "flux": ((3072, 3072), (12288, 3072), (3072, 12288)),
+}
+
+
+def fused_variants() -> list[tuple[FusedConfig, int, bool, torch.dtype]]:
+    """Every ``(config without split, bits, affine, dtype)`` the dispatch can launch (split only changes runtime
+    arguments)."""
+    out = []
+    for bm in (16, 32, 64):
+        for bn, bk in tiles_for(bm):
+            for bits in (2, 3, 4, 8):
+                for affine in (False, True):
+                    for dt in FUSED_DTYPES:
+                        out.append((fused_config(bm, bn, bk), bits, affine, dt))
+    return out
+
+
+def compile_variants(quick: bool = False) -> list[CompileVariant]:
+    """Launches of every fused/dequant variant (``quick``: the representative set CI compiles — 3/4 bits, bf16, table
+    and affine decode on the main tiles of 16 and 64 tokens, the small-layer tiles at 4 bits (16 tokens) and at 3-bit
+    affine (64 tokens: the heaviest decode), the dequant kernel)."""
+    n, k = 3072, 3072
+    specs = fused_variants()
+    if quick:
+        main = {(16, *TILES_M16[0]), (64, *TILES[0])}
+        specs = [s for s in specs if s[1] in (3, 4) and s[3] == torch.bfloat16
+                 and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4)
+                      or (s[0].bm == 64 and s[1] == 3 and s[2]))]
+    out = []
+    for cfg, bits, affine, dt in specs:
+        def go(cfg=cfg, bits=bits, affine=affine, dt=dt):
+            x = torch.empty(cfg.bm, k, dtype=dt)
+            codes = torch.empty(n, packed_length(k, bits), dtype=torch.uint8)
+            lut = torch.empty(n, 1 << bits, dtype=dt)
+            fused_into(x, codes, lut, bits, k, None, torch.empty(cfg.bm, n, dtype=dt), config=cfg, affine=affine)
+        name = f"fused {cfg.bm}x{cfg.bn}x{cfg.bk} {bits}b {'affine' if affine else 'table'} {str(dt)[6:]}"
+        out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True))
+    for bits in (3, 4) if quick else (2, 3, 4, 8):
+        for words in (True,) if quick else (True, False):
+            def dq(bits=bits, words=words):
+                kk = k if words else k + 1
+                codes = torch.empty(n, packed_length(kk, bits), dtype=torch.uint8)
+                lut = torch.empty(n, 1 << bits, dtype=torch.bfloat16)
+                dequant_into(codes, lut, bits, kk, torch.empty(n, kk, dtype=torch.bfloat16))
+            out.append(CompileVariant(f"dequant 16x256 {bits}b {'words' if words else 'bytes'} bf16", dq, 16 * 256,
+                                      False))
+    return out

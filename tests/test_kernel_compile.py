@@ -1,0 +1,47 @@
+"""Ahead-of-time compile check of the Triton kernels (``bench/kernel_compile.py``) in its own processes, without a
+GPU: every representative variant for sm_80/89/90 must compile without spills and, for GEMMs, with tensor-core MMA —
+under the Triton this environment installs and under Triton 3.6 (``.venv-triton36``, built by ``make triton36``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "kernel_compile.py"
+VENV36 = Path(os.environ.get("QUA2SEDIMO_TRITON36_VENV", ROOT / ".venv-triton36"))
+PY36 = VENV36 / "bin" / "python"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                   reason="triton not installed: no compile check")]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT.parent)] + sys.path))
+    return env
+
+
+def _start(python: str) -> subprocess.Popen:
+    return subprocess.Popen([python, str(SCRIPT), "--quick"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kernels_compile_without_spills_with_mma():
+    """Both Triton versions at once (two processes); the table of each is printed on failure."""
+    procs = {"ci triton": _start(sys.executable)}
+    if PY36.exists():
+        procs["triton 3.6"] = _start(str(PY36))
+    elif os.environ.get("QUA2SEDIMO_REQUIRE_HOST"):
+        pytest.fail(f"Triton 3.6 compile check: {PY36} is missing (CI builds it with `make triton36`)")
+    results = {name: (p.wait(timeout=900), p.stdout.read()) for name, p in procs.items()}
+    for name, (rc, out) in results.items():
+        assert rc == 0 and "kernel_compile: ok" in out, f"{name}:\n{out[-6000:]}"
+    if "triton 3.6" not in procs:
+        pytest.skip(f"Triton 3.6 compile check skipped: no {PY36} (`make triton36` builds it)")
