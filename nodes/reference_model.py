@@ -46,7 +46,7 @@ UNET_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=DEPTH, a
 CONTEXT_DIM, POOLED_DIM, CLASS_TOKENS = 4096, 2048, 4
 IMAGE_PX = 32  # the digits' side in pixels
 SAMPLE_PX = 64  # width/height to give ComfyUI's empty-latent and sampling nodes (8×8 latents)
-DEFAULT_STEPS = 5000
+DEFAULT_STEPS = 4000
 STEPS_ENV = "QUA2SEDIMO_DIGITS_STEPS"  # a shorter training (tests); the cache keys on the step count
 SEED = 0
 # What the demo and the benchmark sample with (ComfyUI's KSampler)
@@ -81,6 +81,7 @@ def cache_dir(root: Path, steps: int) -> Path:
 class Trained:
     path: Path
     meta: dict
+    cached: bool = False  # found in the cache (not trained by this call)
 
 
 def _init(dm: torch.nn.Module, seed: int) -> None:
@@ -112,7 +113,7 @@ def train(root: Path, steps: int | None = None, threads: int | None = None, log=
     folder = cache_dir(root, steps)
     path, meta_path = folder / FILE_NAME, folder / "meta.json"
     if path.is_file() and meta_path.is_file():
-        return Trained(path, json.loads(meta_path.read_text()))
+        return Trained(path, json.loads(meta_path.read_text()), cached=True)
     from safetensors.torch import save_file
 
     from . import comfy_bridge as bridge
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if command == "train":
         t = train(args.out, args.steps, args.threads, log=lambda m: print(m, file=sys.stderr))
-        print(json.dumps({"path": str(t.path), **t.meta}))
+        print(json.dumps({"path": str(t.path), "cached": t.cached, **t.meta}))
     else:
         from . import comfy_bridge as bridge
 

@@ -117,7 +117,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 5000
+    steps: int = 4000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -154,9 +154,11 @@ def train_flow(model: nn.Module, denoise: Denoiser, data: DigitsData, table: Cla
     g = torch.Generator().manual_seed(settings.seed)
     latents = image_to_latent(data.train_images)
     labels = data.train_labels
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError("the model has no parameters to train")
+    for p in params:  # some hosts build their models with requires_grad off
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     ema = [p.detach().clone() for p in params]
     losses: list[float] = []

@@ -37,7 +37,7 @@ def test_trained_file_is_fp16_sd3_and_cached(trained):
     assert json.loads((t.path.parent / "meta.json").read_text()) == t.meta
     mtime = t.path.stat().st_mtime_ns
     again = rm.train(root, steps=STEPS, log=lambda m: None)  # the cache: nothing is retrained
-    assert again.path == t.path and t.path.stat().st_mtime_ns == mtime
+    assert again.cached and not t.cached and again.path == t.path and t.path.stat().st_mtime_ns == mtime
 
 
 @pytest.mark.comfy_inproc
