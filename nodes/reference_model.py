@@ -159,10 +159,6 @@ class Evaluated:
     seconds: float
 
 
-def _labels(n: int) -> torch.Tensor:
-    return digits.sample_labels(n)
-
-
 def decode(model_or_family, latent: torch.Tensor) -> torch.Tensor:
     """A LATENT of the reference model → digits ``[N, 1, 32, 32]`` in [-1, 1]."""
     from . import comfy_bridge as bridge
@@ -212,7 +208,7 @@ def evaluate(model_path: Path, variants: dict[str, str], out: Path, samples: int
     t0 = time.perf_counter()
     metric = digits.build_metric(digits.load_digits_data(IMAGE_PX, seed=SEED), seed=SEED)
     log(f"  classifier: {metric.real_accuracy:.3f} accuracy on the training split ({time.perf_counter() - t0:.1f} s)")
-    labels = _labels(samples)
+    labels = digits.sample_labels(samples)
     rows, results = [], {}
     for name, spec in variants.items():
         t1 = time.perf_counter()
