@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     rp = workflows["report"]
     print(f"  report → report.json ({rp['seconds']:.0f} s); Build Config: {rp['build_config']}")
     q = summary["quality"]
-    print(f"  quality, {q['samples']} digits per config (same seeds; classifier on real digits: "
-          f"{q['classifier_real_accuracy']:.3f}) → {q['grid']} (rows: {', '.join(q['grid_rows'])})")
+    print(f"  quality, {q['samples']} digits per config (same seeds, cfg {q['sampling']['cfg']:g}; classifier on "
+          f"real digits: {q['classifier_real_accuracy']:.3f}) → {q['grid']} (rows: {', '.join(q['grid_rows'])})")
     for name, row in q["configs"].items():
         bits = "16" if row["avg_bits"] is None else f"{row['avg_bits']:.3f}"
         print(f"    {name:13s} b̄ {bits:>6s}  FID {row['fid']:8.3f}  accuracy {row['accuracy']:.3f}")

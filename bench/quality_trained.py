@@ -88,7 +88,7 @@ def main() -> None:
     print(f"model {trained.path} ({'cached' if trained.cached else 'trained'}; {trained.meta['train_seconds']} s)")
     mp, _ = bridge.load_model_file(trained.path)
     spec = jobs.SearchSpec(objective="denoise_error", seed=args.seed, n_seeds=2, n_states=8, steps=10,
-                           cfg=rm.SAMPLING["cfg"], sampler_name=rm.SAMPLING["sampler_name"],
+                           cfg=rm.METRIC_SAMPLING["cfg"], sampler_name=rm.SAMPLING["sampler_name"],
                            scheduler=rm.SAMPLING["scheduler"], width=rm.SAMPLE_PX, height=rm.SAMPLE_PX)
     pos, neg = rm.conditioning([args.digit]), rm.conditioning([digits.NULL_CLASS])
     t0 = time.perf_counter()
