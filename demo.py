@@ -1,14 +1,19 @@
-"""`make demo`: the main job end to end, through a real ComfyUI server, on a tiny PixArt-Σ.
+"""`make demo`: the main job end to end, through a real ComfyUI server, on the trained reference model.
 
 Run as ``python -m qua2sedimo.demo --out demo-output`` with ``COMFY_DIR`` pointing at a ComfyUI tree
 (``make demo`` installs one, cached). Steps:
 
-1. a ComfyUI base directory under ``<out>/comfyui`` with this pack (and the test bed's random-conditioning
-   node, since the tiny model has no text encoder) in ``custom_nodes/``, a tiny random-weight PixArt-Σ and
-   a random TAESD (built by ComfyUI's own classes, cached; nothing is downloaded);
+1. the reference model (``nodes/reference_model.py``: a class-conditional SD3 trained on scikit-learn's digits
+   with ComfyUI's own classes; trained once in a subprocess and cached by version, nothing is downloaded);
+   a ComfyUI base directory under ``<out>/comfyui`` with this pack in ``custom_nodes/`` and that model;
 2. ``main.py --cpu`` on loopback; the example workflows of ``workflows/`` are queued over HTTP as their
-   API twins: uniform W4 → sample, mixed 3/4-bit config → save quantized, load quantized → sample;
-3. ``<out>/`` receives the quantized safetensors, the sample images, the config and ``summary.json``.
+   API twins, with the model's Digit Conditioning / Digit Decode nodes in place of text encoders and VAE:
+   uniform W4 → sample, mixed 3/4-bit config → save quantized, load quantized → sample, a search, the report
+   and the knapsack config at 3.5 bits → save quantized;
+3. quality: FP, uniform W4, uniform W3 and the knapsack 3.5 model sample the same ``--samples`` digits (same
+   seeds, ComfyUI's KSampler) → ``digits-grid.png`` (one row each) and FID / class accuracy on a held-out
+   classifier's features (``digits-quality.json``, in ``summary.json`` and printed);
+4. ``<out>/`` receives the quantized safetensors, the sample images, the config and ``summary.json``.
 
 The test-bed helpers (server control, tiny models, workflow conversion) live in ``tests/``; the demo is a
 repository job, not part of the installed package's API.
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +34,10 @@ from .quant.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent
 TESTS = REPO / "tests"
-DEMO_MODEL = "pixart_sigma_d1"
+DEMO_MODEL = "digits_sd3"
+DEMO_DIGIT = "7"  # the class the workflows draw
+DECODE_SCALE = 12  # 32×32 digits shown at 384×384
+QUALITY_ROWS = {"fp": "fp", "uniform-w4": "uaq-4", "uniform-w3": "uaq-3"}  # + knapsack-3.5 (the report's config)
 STEMS = {"uniform": "1. Quantize W4 and sample", "mixed": "2. Mixed bits and save",
          "load": "3. Sample a quantized file", "search": "5. Search in background",
          "full": "6. Search report and build"}
@@ -49,34 +58,91 @@ def _ui(entry: dict, key: str) -> list:
     return [v for out in (entry.get("outputs") or {}).values() for v in out.get(key, [])]
 
 
-def prepare_base(out: Path) -> Path:
-    """``<out>/comfyui``: models (symlinked from the tiny-model cache), output/, custom_nodes/."""
-    comfy_host, tiny_models, _ = _helpers()
+def _reference_env() -> dict:
+    """The subprocesses import this pack as ``qua2sedimo`` (installed, or this folder's parent on the path)."""
+    env = dict(os.environ)
+    if REPO.name == "qua2sedimo":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO.parent), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def reference_cache() -> Path:
+    comfy_host, _, _ = _helpers()
+    return comfy_host.cache_root() / "reference-models"
+
+
+def train_reference(threads: int = 1) -> dict:
+    """Train (once; cached by version and step count) the reference model in a subprocess; its meta + path."""
+    cmd = [sys.executable, "-m", "qua2sedimo.nodes.reference_model", "train", "--out", str(reference_cache()),
+           "--threads", str(threads)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_reference_env(), cwd=REPO.parent)
+    if res.returncode != 0:
+        raise RuntimeError(f"training the reference model failed ({res.returncode}): {' '.join(cmd)}\n"
+                           f"{res.stderr[-6000:]}")
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "seconds_here": round(time.perf_counter() - t0, 1)}
+
+
+def prepare_base(out: Path, model_file: Path) -> Path:
+    """``<out>/comfyui``: the reference model (symlinked from its cache), output/, custom_nodes/."""
+    comfy_host, _, _ = _helpers()
     base = comfy_host.make_base_dir(out / "comfyui")
-    for name, target in (("qua2sedimo", REPO), ("qua2sedimo_testnodes", TESTS / "testnodes")):
-        link = base / "custom_nodes" / name
+    links = {base / "custom_nodes" / "qua2sedimo": REPO,
+             base / "custom_nodes" / "qua2sedimo_testnodes": TESTS / "testnodes",
+             base / "models" / "diffusion_models" / f"{DEMO_MODEL}.safetensors": model_file}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to(target, target_is_directory=True)
-    tiny_models.ensure_models(base / "models", [DEMO_MODEL])
+        link.symlink_to(target, target_is_directory=target.is_dir())
     return base
+
+
+def digits_graph(api: dict, *, search_configs: int = 4) -> dict:
+    """An example workflow's API twin on the reference model: Digit Conditioning for the prompts (positive:
+    ``DEMO_DIGIT``, negative: none), Digit Decode for the VAE, 64×64 latents, the model's sampling settings."""
+    _, _, wa = _helpers()
+    from .nodes.reference_model import SAMPLE_PX, SAMPLING
+
+    graph = wa.to_testbed(api, unet=f"{DEMO_MODEL}.safetensors", arch="sd3", latent_px=SAMPLE_PX // 8,
+                          steps=SAMPLING["steps"], search_configs=search_configs)
+    negative = {str(n["inputs"]["negative"][0]) for n in graph.values()
+                if isinstance(n["inputs"].get("negative"), list)}
+    for nid, node in list(graph.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "Qua2SeDiMoTestConditioning":
+            node.update(class_type="Qua2SeDiMoDigitConditioning",
+                        inputs={"digit": "none" if nid in negative else DEMO_DIGIT})
+        elif ct == "VAEDecode":
+            node.update(class_type="Qua2SeDiMoDigitDecode", inputs={"samples": inp["samples"],
+                                                                     "scale": DECODE_SCALE})
+        elif ct == "VAELoader":
+            del graph[nid]
+        elif ct == "UNETLoader":
+            inp["unet_name"] = f"{DEMO_MODEL}.safetensors"
+        elif ct == "Qua2SeDiMoRulesConfig":  # most of this small model's weights are its 4096-wide text embedder:
+            inp["default"] = "uaq-3"  # with the example's 4-bit default the "3/4-bit" mix would average > 4 bits
+        elif ct == "KSampler":
+            inp.update(cfg=SAMPLING["cfg"], scheduler=SAMPLING["scheduler"], sampler_name=SAMPLING["sampler_name"])
+        elif ct == "Qua2SeDiMoSearch":
+            inp.update(cfg=SAMPLING["cfg"])
+    return graph
 
 
 def run_workflows(server, out: Path) -> dict:
     """Queue the three example workflows; copy their results into ``out``; return their summaries."""
     _, _, wa = _helpers()
-    model = {**wa.TWIN_MODEL, "unet": f"{DEMO_MODEL}.safetensors"}
     results: dict = {}
 
     t0 = time.perf_counter()
-    entry = server.run(wa.to_testbed(wa.twin(STEMS["uniform"]), **model), timeout=600)
+    entry = server.run(digits_graph(wa.twin(STEMS["uniform"])), timeout=600)
     (img,) = server.saved_images(entry)
     shutil.copyfile(img, out / "sample-uniform-w4.png")
     results["uniform_w4"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-uniform-w4.png",
                              **_ui(entry, "qua2sedimo")[0]}
 
     t0 = time.perf_counter()
-    entry = server.run(wa.to_testbed(wa.twin(STEMS["mixed"]), **model), timeout=600)
+    entry = server.run(digits_graph(wa.twin(STEMS["mixed"])), timeout=600)
     apply_summary, saved = _ui(entry, "qua2sedimo")
     shutil.copyfile(server.base / "output" / saved["file"], out / "model-mixed.q.safetensors")
     cfg_text = next(t for t in _ui(entry, "text") if t.startswith("saved ") and t.split()[1].endswith(".json:"))
@@ -86,25 +152,26 @@ def run_workflows(server, out: Path) -> dict:
                         "file_bytes": saved["bytes"], "config": "config-mixed.json", **apply_summary}
 
     t0 = time.perf_counter()
-    entry = server.run(wa.to_testbed(wa.twin(STEMS["load"]), **{**model, "quantized_file": saved["file"]}),
-                       timeout=600)
+    graph = digits_graph(wa.twin(STEMS["load"]))
+    next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoLoadQuantized")["inputs"]["file"] = saved["file"]
+    entry = server.run(graph, timeout=600)
     (img,) = server.saved_images(entry)
     shutil.copyfile(img, out / "sample-from-quantized.png")
     info = json.loads(next(t for t in _ui(entry, "text") if t.startswith("{")))
     results["load_quantized"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-from-quantized.png",
                                  "avg_bits": info["avg_bits"], "model_class": info["model"]}
-    results["search"] = run_search(server, out, model)
-    results["report"] = run_report(server, out, model)
+    results["search"] = run_search(server, out)
+    results["report"] = run_report(server, out)
     return results
 
 
-def run_report(server, out: Path, model: dict) -> dict:
+def run_report(server, out: Path) -> dict:
     """search (resumed from the demo journal) → report → config at 3.5 bits → apply → sample → save.
 
     Writes ``out/report.json`` (the node's report with the figure paths made relative to ``out``) and the figures.
     """
     _, _, wa = _helpers()
-    graph = wa.to_testbed(wa.twin(STEMS["full"]), **model, search_configs=SEARCH_CONFIGS)
+    graph = digits_graph(wa.twin(STEMS["full"]), search_configs=SEARCH_CONFIGS)
     node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
     node["inputs"].update(journal="demo", n_states=8, n_seeds=2, steps=10)
     t0 = time.perf_counter()
@@ -125,8 +192,10 @@ def run_report(server, out: Path, model: dict) -> dict:
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     _copy_journal(server, out)  # now with the constructed and uniform configs too
     built = next(t for t in texts if t.startswith("knapsack"))
+    saved = next(s["file"] for s in _ui(entry, "qua2sedimo") if "knapsack-3.5" in s.get("file", ""))
+    shutil.copyfile(server.base / "output" / saved, out / "model-knapsack-3.5.q.safetensors")
     return {"seconds": round(seconds, 2), "report": "report.json", "build_config": built,
-            "image": "sample-knapsack-3.5.png" if images else None}
+            "image": "sample-knapsack-3.5.png" if images else None, "file": "model-knapsack-3.5.q.safetensors"}
 
 
 def _copy_journal(server, out: Path) -> list[tuple]:
@@ -147,11 +216,11 @@ def _copy_journal(server, out: Path) -> list[tuple]:
         dst.close()
 
 
-def run_search(server, out: Path, model: dict) -> dict:
+def run_search(server, out: Path) -> dict:
     """The search workflow in 'wait' mode (small budget); its journal is copied to ``out/journal.sqlite``."""
 
     _, _, wa = _helpers()
-    graph = wa.to_testbed(wa.twin(STEMS["search"]), **model, search_configs=SEARCH_CONFIGS)
+    graph = digits_graph(wa.twin(STEMS["search"]), search_configs=SEARCH_CONFIGS)
     node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
     node["inputs"].update(mode="wait", journal="demo", n_states=8, n_seeds=2, steps=10)
     t0 = time.perf_counter()
@@ -166,10 +235,24 @@ def run_search(server, out: Path, model: dict) -> dict:
             "journal": "journal.sqlite", "pareto_plot": "search-pareto.png", "status": status}
 
 
+def measure_quality(base: Path, model_file: Path, knapsack: Path, out: Path, samples: int) -> dict:
+    """FP, uniform W4/W3 and the knapsack model: the same seeds through KSampler, FID / accuracy, one grid."""
+    cmd = [sys.executable, "-m", "qua2sedimo.nodes.reference_model", "evaluate", "--model", str(model_file),
+           "--out", str(out), "--samples", str(samples), "--base-directory", str(base), "--threads", "1",
+           *[a for name, spec in QUALITY_ROWS.items() for a in ("--config", f"{name}={spec}")],
+           "--config", f"knapsack-3.5={knapsack}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_reference_env(), cwd=REPO.parent)
+    if res.returncode != 0:
+        raise RuntimeError(f"measuring the quality failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-6000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Qua2SeDiMo demo: the example workflows on a tiny PixArt-Σ, "
-                                 "through a real ComfyUI server on loopback")
+    ap = argparse.ArgumentParser(description="Qua2SeDiMo demo: the example workflows on the trained reference "
+                                 "model (digits), through a real ComfyUI server on loopback; FID / accuracy of FP, "
+                                 "uniform W4/W3 and the searched knapsack config")
     ap.add_argument("--out", type=Path, default=Path("demo-output"))
+    ap.add_argument("--samples", type=int, default=500, help="digits sampled per configuration for FID / accuracy")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -178,17 +261,31 @@ def main(argv: list[str] | None = None) -> dict:
     comfy_host, _, _ = _helpers()
 
     t_start = time.perf_counter()
-    base = prepare_base(out)
-    dense_bytes = (base / "models" / "diffusion_models" / f"{DEMO_MODEL}.safetensors").stat().st_size
+    trained = train_reference()
+    model_file = Path(trained["path"])
+    base = prepare_base(out, model_file)
+    dense_bytes = model_file.stat().st_size
     t_server = time.perf_counter()
     with comfy_host.ComfyServer(base) as server:
         t_server = time.perf_counter() - t_server
         workflows = run_workflows(server, out)
+    t_quality = time.perf_counter()
+    quality = measure_quality(base, model_file, out / workflows["report"]["file"], out, args.samples)
+    quality_rows = {name: {k: v[k] for k in ("avg_bits", "fid", "accuracy", "n")}
+                    for name, v in quality["variants"].items()}
     summary = {
-        "model": f"{DEMO_MODEL} (tiny PixArt-Σ, random weights, fp16 file)",
+        "model": f"{DEMO_MODEL} (reference SD3, {trained['params']:,} parameters, trained on scikit-learn's digits, "
+                 f"{trained['version']}, {trained['train']['steps']} steps; fp16 file)",
+        "training": {"steps": trained["train"]["steps"], "seconds": trained["train_seconds"],
+                     "threads": trained["threads"], "final_loss": trained["final_loss"],
+                     "cached": trained["cached"]},
         "dense_file_bytes": dense_bytes,
         "quantized_file_bytes": workflows["mixed"]["file_bytes"],
         "compression": round(dense_bytes / workflows["mixed"]["file_bytes"], 2),
+        "quality": {"samples": quality["samples"], "seed": quality["seed"], "sampling": quality["sampling"],
+                    "classifier_real_accuracy": quality["classifier_real_accuracy"], "grid": quality["grid"],
+                    "grid_rows": quality["rows"], "configs": quality_rows,
+                    "seconds": round(time.perf_counter() - t_quality, 1)},
         "workflows": workflows,
         "seconds": {"server_start": round(t_server, 1), "total": round(time.perf_counter() - t_start, 1)},
         "comfyui_base": str(base),
@@ -196,16 +293,25 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     m = workflows["mixed"]
     print(f"Qua2SeDiMo demo ({summary['model']}), outputs in {out}/")
+    tr = summary["training"]
+    print(f"  training: {tr['steps']} steps in {tr['seconds']:.0f} s on {tr['threads']} threads"
+          f"{' (cached)' if tr['cached'] else ''}, final loss {tr['final_loss']:.4f}")
     print(f"  uniform W4: b̄ = {workflows['uniform_w4']['avg_bits']:.3f}, sampled in "
           f"{workflows['uniform_w4']['seconds']:.1f} s → sample-uniform-w4.png")
     print(f"  mixed 3/4-bit: b̄ = {m['avg_bits']:.3f} ({', '.join(f'{k}: {v}' for k, v in m['counts'].items())}); "
-          f"file {dense_bytes / 2**20:.1f} MiB → {m['file_bytes'] / 2**20:.1f} MiB → model-mixed.q.safetensors")
+          f"file {dense_bytes / 2**20:.2f} MiB → {m['file_bytes'] / 2**20:.2f} MiB → model-mixed.q.safetensors")
     print("  load quantized → sample-from-quantized.png")
     sr = workflows["search"]
     print(f"  search: {sr['evaluated']} configs in {sr['seconds']:.0f} s, best denoise_error "
           f"{sr['best']['denoise_error']:.4g} at b̄ {sr['best']['avg_bits']:.3f} → journal.sqlite, search-pareto.png")
     rp = workflows["report"]
     print(f"  report → report.json ({rp['seconds']:.0f} s); Build Config: {rp['build_config']}")
+    q = summary["quality"]
+    print(f"  quality, {q['samples']} digits per config (same seeds, cfg {q['sampling']['cfg']:g}; classifier on "
+          f"real digits: {q['classifier_real_accuracy']:.3f}) → {q['grid']} (rows: {', '.join(q['grid_rows'])})")
+    for name, row in q["configs"].items():
+        bits = "16" if row["avg_bits"] is None else f"{row['avg_bits']:.3f}"
+        print(f"    {name:13s} b̄ {bits:>6s}  FID {row['fid']:8.3f}  accuracy {row['accuracy']:.3f}")
     print(f"  total {summary['seconds']['total']:.0f} s")
     return summary
 

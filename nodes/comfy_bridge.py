@@ -782,3 +782,67 @@ def output_dir() -> Path:
 def model_file(folder: str, name: str) -> Path:
     """The path of ``name`` in one of ComfyUI's model folders (e.g. ``"diffusion_models"``); a clear error if absent."""
     return Path(folder_paths.get_full_path_or_raise(folder, name))
+
+
+# -------------------------------------------------------------- the trained reference model (nodes/reference_model.py)
+def build_diffusion_model(family: str, unet_config: dict):
+    """A BaseModel of ``comfy.supported_models.<family>`` built from ``unet_config`` by ComfyUI's own classes, on the
+    CPU in fp32 (ComfyUI leaves parameters uninitialised, and persistent buffers such as position embeddings too:
+    see :func:`init_position_embedding`)."""
+    import comfy.supported_models
+
+    cls = getattr(comfy.supported_models, family, None)
+    if cls is None:
+        raise ValueError(f"ComfyUI has no supported model {family!r}")
+    return cls(dict(unet_config)).get_model({})
+
+
+def init_position_embedding(dm: nn.Module) -> None:
+    """Fill an MMDiT's fixed 2-D sin-cos ``pos_embed`` buffer as SD3's checkpoints hold it."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+    pos = getattr(dm, "pos_embed", None)
+    if not isinstance(pos, torch.Tensor):
+        raise ValueError(f"{type(dm).__name__} has no pos_embed buffer")
+    grid = int(round(pos.shape[1] ** 0.5))
+    with torch.no_grad():
+        pos.copy_(torch.from_numpy(get_2d_sincos_pos_embed(pos.shape[-1], grid)).to(pos.dtype).unsqueeze(0))
+
+
+def detected_class(state_dict: dict) -> str | None:
+    """The ``comfy.supported_models`` class name ComfyUI's detection picks for a diffusion-model state dict."""
+    import comfy.model_detection
+
+    detected = comfy.model_detection.model_config_from_unet(state_dict, "")
+    return type(detected).__name__ if detected is not None else None
+
+
+def apply_denoiser(base) -> collections.abc.Callable:
+    """``denoise(x_σ, σ, context, pooled) → x̂₀`` through the BaseModel's own ``apply_model`` (its model sampling:
+    the input scaling, σ → timestep and the output parameterisation the sampler uses)."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return base.apply_model(x, sigma, c_crossattn=context, y=pooled)
+
+    return denoise
+
+
+def latent_to_model_space(model_or_family, latent: torch.Tensor) -> torch.Tensor:
+    """What the denoiser sees of a LATENT (the latent format's ``process_in``: SD3 scales and shifts)."""
+    import comfy.latent_formats
+
+    if isinstance(model_or_family, str):
+        return getattr(comfy.latent_formats, model_or_family)().process_in(latent)
+    return model_or_family.get_model_object("latent_format").process_in(latent)
+
+
+def sample_batch(model, positive, negative, *, latent_shape: tuple[int, ...], seed: int, steps: int, cfg: float,
+                 sampler_name: str = "euler", scheduler: str = "simple") -> torch.Tensor:
+    """ComfyUI's KSampler on an empty latent of ``latent_shape`` (a whole batch from one noise seed, as KSampler
+    draws it); returns the LATENT samples."""
+    import comfy.sample
+
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               seed=seed, disable_pbar=True)

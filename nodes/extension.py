@@ -5,11 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 from .comfy_bridge import register_folders
 from .config_nodes import LoadConfig, RulesConfig, SaveConfig, UniformConfig
 from .model_nodes import ApplyConfig, LoadQuantized, SaveQuantized
+from .reference_model import node_classes as reference_nodes
 from .search_nodes import BuildConfig, Search, SearchStatus, SensitivityReport
 
 NODES: list[type[io.ComfyNode]] = [
     UniformConfig, RulesConfig, LoadConfig, SaveConfig, ApplyConfig, SaveQuantized, LoadQuantized, Search,
-    SearchStatus, SensitivityReport, BuildConfig,
+    SearchStatus, SensitivityReport, BuildConfig, *reference_nodes(),
 ]
 
 
