@@ -584,3 +584,21 @@ def test_registry_default_cpu_is_reference(fresh_registry):
     assert y.dtype == torch.float16
     torch.testing.assert_close(y, ref.linear(x, w), rtol=0, atol=0)
     assert torch.equal(w.dequantize(), ref.dequantize(w, torch.float32))
+
+
+def test_kernels_use_no_triton_library_jit_functions():
+    """Triton's own library functions (``tl.zeros``, ``tl.cdiv``, ``tl.sum``…) are ``@jit`` functions decorated when
+    triton is first imported; when torch._dynamo (diffusers, ComfyUI) imported it before TRITON_INTERPRET was set,
+    they stay compiled-mode functions and the interpreter fails on them ("Cannot call @triton.jit'd outside of the
+    scope of a kernel"). The kernels use builtins only."""
+    import inspect
+    import re
+
+    import triton.language.standard as std
+    from triton.runtime.jit import JITFunction
+
+    library = {n for n, v in vars(std).items()
+               if isinstance(v, JITFunction) or type(v).__name__ == "InterpretedFunction"}
+    source = inspect.getsource(__import__("qua2sedimo.quant.kernels.triton_lut", fromlist=["x"]))
+    used = set(re.findall(r"\btl\.([a-z_0-9]+)\s*\(", source))
+    assert library and not (used & library), sorted(used & library)

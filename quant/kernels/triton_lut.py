@@ -124,7 +124,7 @@ def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS:
     row = q_ptr + rn[:, None] * stride_qw
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     kw = k0 // PER + tl.arange(0, BK // PER)
-    wmask = n_mask[:, None] & (kw < tl.cdiv(K, PER))[None, :]
+    wmask = n_mask[:, None] & (kw < (K + PER - 1) // PER)[None, :]
     wd = tl.load(row + kw[None, :], mask=wmask, other=0)
     if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
@@ -215,7 +215,9 @@ def _lut_gemm_kernel(
     x_cols = x_ptr + rm[None, :] * stride_xm
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
+    # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
+    acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None] & m_mask[None, :], other=0.0)
