@@ -32,8 +32,8 @@ from torch import nn
 from ..quant import QuantConfig, option_table, quantize_
 from ..quant.activations import quantize_tokens
 from ..quant.atomic import sweep_stale_temps
-from ..quant.format import load_quantized_file, read_header, save_quantized_file
-from ..quant.layer_table import dtype_name, is_quantized_layer, quantizable_layers
+from ..quant.format import layer_entries, load_quantized_file, read_header, save_quantized_file
+from ..quant.layer_table import is_quantized_layer, quantizable_layers
 from ..quant.layers import dense_conv2d, packed_linear
 from ..quant.packed import PackedWeight
 from ..quant.quantizers import QuantizedWeight
@@ -513,18 +513,10 @@ def save_quantized(model, path: Path) -> dict:
     dm = diffusion_model(model)
     if model.patches:
         raise ValueError(SAVE_WITH_PATCHES.format(n=len(model.patches)))
-    layers = {}
-    for name, mod in dm.named_modules():
-        if is_quantized_layer(mod):
-            packing = mod.weight.packing
-            layers[name] = {"option": packing.option, "kind": "conv2d" if len(packing.shape) == 4 else "linear",
-                            "shape": list(packing.shape), "dtype": dtype_name(packing.dtype),
-                            "act_bits": int(getattr(mod, "act_bits", 16)), "group_size": packing.group_size}
-    if not layers:
-        raise ValueError("this MODEL holds no quantized layers: run Qua2SeDiMo Apply Config first")
-    for info in quantizable_layers(dm):
-        layers.setdefault(info.name, {"option": "fp16", "kind": info.kind, "shape": list(info.shape),
-                                      "dtype": dtype_name(info.dtype)})
+    try:
+        layers = layer_entries(dm)
+    except ValueError:
+        raise ValueError("this MODEL holds no quantized layers: run Qua2SeDiMo Apply Config first") from None
     config = getattr(dm, "qua2sedimo_config", None)
     header = {
         "layers": layers,

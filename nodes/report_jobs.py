@@ -24,10 +24,8 @@ from ..search.predictor import (
     FeatureBuilder,
     PredictorConfig,
     PredictorEnsemble,
-    train_baseline,
-    train_predictor,
 )
-from ..search.quality import PredictorQuality, compare
+from ..search.quality import PredictorQuality, train_and_compare
 from ..search.report import Report, build_report, chosen_options_png, insight_figures, pareto_png
 from ..search.runner import config_size
 from ..search.sampling import config_key
@@ -110,13 +108,8 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     t = step("graph", t)
     with handle.open() as j:
         random = j.records(source="random")
-    # ComfyUI runs nodes under inference mode: training needs autograd back (and tensors made outside it)
-    with torch.inference_mode(False), torch.enable_grad():
-        features = FeatureBuilder.from_table(graph, ctx.table)
-        config = PredictorConfig(folds=folds, seed=seed, epochs=epochs)
-        ensemble = train_predictor(graph, features, random, config)
-        baseline = train_baseline(features, random, config)
-    quality = compare(ensemble, baseline)
+    trained = train_and_compare(graph, ctx.table, random, PredictorConfig(folds=folds, seed=seed, epochs=epochs))
+    features, ensemble, baseline, quality = trained.features, trained.ensemble, trained.baseline, trained.quality
     t = step("predictor", t)
     scores = unit_scores(ensemble, graph, level="op") + unit_scores(ensemble, graph, level="block", max_variants=1296)
     t = step("scores", t)

@@ -18,8 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write_with
-from .layer_table import dtype_from_name
-from .options import parse_option
+from .layer_table import dtype_from_name, dtype_name, is_quantized_layer, quantizable_layers
+from .options import FP_OPTION, parse_option
 from .packed import PackedLayout, PackedWeight
 
 FILE_FORMAT = "qua2sedimo.quantized"
@@ -40,6 +40,25 @@ def save_quantized_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     header = dict(header, format_version=FILE_VERSION, tensors=sorted(data))  # the full set, checked on reading
     meta = {"format": FILE_FORMAT, "qua2sedimo": json.dumps(header)}
     atomic_write_with(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
+
+
+def layer_entries(model: torch.nn.Module) -> dict[str, dict]:
+    """The header's ``layers`` of a model with quantized layers: each packed layer's option, kind, dense shape and
+    dtype, ``act_bits`` and group size, and every other quantizable layer as ``fp16`` (kept dense). Raises
+    ``ValueError`` when nothing is quantized (the caller's message says how to quantize)."""
+    layers = {}
+    for name, mod in model.named_modules():
+        if is_quantized_layer(mod):
+            packing = mod.weight.packing
+            layers[name] = {"option": packing.option, "kind": "conv2d" if len(packing.shape) == 4 else "linear",
+                            "shape": list(packing.shape), "dtype": dtype_name(packing.dtype),
+                            "act_bits": int(getattr(mod, "act_bits", 16)), "group_size": packing.group_size}
+    if not layers:
+        raise ValueError("holds no quantized layers")
+    for info in quantizable_layers(model):
+        layers.setdefault(info.name, {"option": FP_OPTION, "kind": info.kind, "shape": list(info.shape),
+                                      "dtype": dtype_name(info.dtype)})
+    return layers
 
 
 def read_header(path: str | os.PathLike) -> dict:

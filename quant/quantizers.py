@@ -221,18 +221,23 @@ def _uaq_block(w: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, scale: 
     return (score == score.min(dim=0, keepdim=True).values).to(torch.uint8).argmax(dim=0)
 
 
+def _uaq_setup(w: torch.Tensor, qmax: int, alphas: tuple[float, ...]):
+    """Per row: max, min, the scale scores are compared on (errors of rows spread over ≳1e16 overflow fp32
+    otherwise), and every candidate's step and zero point ([A, R])."""
+    wmax = w.amax(dim=1)
+    wmin = w.amin(dim=1)
+    scale = torch.maximum(wmax.abs(), wmin.abs())
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (wmax, wmin, scale, *_uaq_candidates(wmax, wmin, qmax, alphas))
+
+
 def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
     """UAQ with clip search on rows of ``w`` (fp32 ``[R, K]``) → ``(codes int32 [R,K], lut fp32 [R,2^b])``.
 
     The same choice as :func:`uaq_codes_reference` (the released per-row loop, vectorized), computed on blocks of
     rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`)."""
     qmax = (1 << bits) - 1
-    wmax = w.amax(dim=1)
-    wmin = w.amin(dim=1)
-    # errors are compared per row on the row's scale: |w−q|^2.4 of rows spread over ≳1e16 overflows fp32
-    scale = torch.maximum(wmax.abs(), wmin.abs())
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    delta, zero = _uaq_candidates(wmax, wmin, qmax, alphas)
+    wmax, wmin, scale, delta, zero = _uaq_setup(w, qmax, alphas)
     choice = torch.empty(w.shape[0], dtype=torch.int64, device=w.device)
     step = max(1, _UAQ_BLOCK_ELEMS // w.shape[1]) if w.device.type == "cpu" else w.shape[0]
 
@@ -249,11 +254,7 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
 def uaq_codes_reference(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
     """The oracle of :func:`uaq_codes`: every candidate scored on every row (whole-tensor ops)."""
     qmax = (1 << bits) - 1
-    wmax = w.amax(dim=1)
-    wmin = w.amin(dim=1)
-    scale = torch.maximum(wmax.abs(), wmin.abs())
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    delta, zero = _uaq_candidates(wmax, wmin, qmax, alphas)
+    wmax, wmin, scale, delta, zero = _uaq_setup(w, qmax, alphas)
     best_err = torch.full_like(wmax, float("inf"))
     best_delta = torch.ones_like(wmax)
     best_zero = torch.zeros_like(wmax)

@@ -33,8 +33,8 @@ from torch import nn
 from ..quant.api import quantize_
 from ..quant.atomic import atomic_write_text
 from ..quant.config import QuantConfig
-from ..quant.format import load_quantized_file, save_quantized_file
-from ..quant.layer_table import dtype_name, is_quantized_layer, layers_fingerprint, quantizable_layers
+from ..quant.format import layer_entries, load_quantized_file, save_quantized_file
+from ..quant.layer_table import layers_fingerprint, quantizable_layers
 from ..quant.layers import QuantConv2d, QuantLinear
 from ..quant.options import FP_OPTION
 from ..quant.quantizers import QUANTIZER_VERSION
@@ -45,8 +45,8 @@ from .graph import LayerGraph, trace_graph
 from .journal import Journal, Record
 from .marginal import predicted_knapsack
 from .objectives import DenoiseError, StateRecorder, TrajectoryStates, states_cache_key
-from .predictor import FeatureBuilder, PredictorConfig, train_baseline, train_predictor
-from .quality import compare
+from .predictor import PredictorConfig
+from .quality import train_and_compare
 from .report import Report, build_report, report_dumps
 from .runner import SearchProgress, SearchResult, config_size, run_search
 from .sampling import ConfigSampler, config_key, option_set
@@ -102,18 +102,10 @@ def _buffer_names(model: nn.Module) -> list[str]:
 def save_quantized(model: Any, path: str | os.PathLike, config: QuantConfig | None = None) -> dict:
     """Write a quantized diffusers denoiser (``quantize_`` applied) to ``path`` atomically; returns the header."""
     model = denoiser(model)
-    layers = {}
-    for name, mod in model.named_modules():
-        if is_quantized_layer(mod):
-            packing = mod.weight.packing
-            layers[name] = {"option": packing.option, "kind": "conv2d" if len(packing.shape) == 4 else "linear",
-                            "shape": list(packing.shape), "dtype": dtype_name(packing.dtype),
-                            "act_bits": int(getattr(mod, "act_bits", 16)), "group_size": packing.group_size}
-    if not layers:
-        raise ValueError("this model holds no quantized layers: run quantize_(model, config) first")
-    for info in quantizable_layers(model):
-        layers.setdefault(info.name, {"option": FP_OPTION, "kind": info.kind, "shape": list(info.shape),
-                                      "dtype": dtype_name(info.dtype)})
+    try:
+        layers = layer_entries(model)
+    except ValueError:
+        raise ValueError("this model holds no quantized layers: run quantize_(model, config) first") from None
     config = config if config is not None else getattr(model, "qua2sedimo_config", None)
     buffers = _buffer_names(model)
     named_buffers = dict(model.named_buffers())
@@ -446,12 +438,8 @@ def analyse(ctx: DiffusersSearch, journal: str | os.PathLike, *, targets: Sequen
         ctx.restore()
         graph = trace_graph(ctx.model, ctx.forward_once)
         step("graph")
-        with torch.inference_mode(False), torch.enable_grad():
-            features = FeatureBuilder.from_table(graph, ctx.table)
-            config = PredictorConfig(folds=folds, seed=seed, epochs=epochs)
-            ensemble = train_predictor(graph, features, random, config)
-            baseline = train_baseline(features, random, config)
-        quality = compare(ensemble, baseline)
+        trained = train_and_compare(graph, ctx.table, random, PredictorConfig(folds=folds, seed=seed, epochs=epochs))
+        ensemble, quality = trained.ensemble, trained.quality
         step("predictor")
         scores = unit_scores(ensemble, graph, level="op") + unit_scores(ensemble, graph, level="block",
                                                                         max_variants=1296)

@@ -10,9 +10,21 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .predictor import BaselineEnsemble, PredictorEnsemble
+import torch
 
-__all__ = ["Correlation", "PredictorQuality", "QualityRow", "RankCorrelations", "compare"]
+from .graph import LayerGraph
+from .journal import Record
+from .predictor import (
+    BaselineEnsemble,
+    FeatureBuilder,
+    PredictorConfig,
+    PredictorEnsemble,
+    train_baseline,
+    train_predictor,
+)
+
+__all__ = ["Correlation", "PredictorQuality", "QualityRow", "RankCorrelations", "TrainedPredictors", "compare",
+           "train_and_compare"]
 
 RANK_METRICS = ("spearman", "kendall")
 
@@ -109,3 +121,24 @@ def compare(*models: PredictorEnsemble | BaselineEnsemble, names: Sequence[str] 
             cells[name] = _cell(src)
         rows.append(QualityRow(label, cells))
     return PredictorQuality(tuple(names), tuple(rows))
+
+
+@dataclass(frozen=True)
+class TrainedPredictors:
+    """The GNN ensemble and the ridge baseline trained on the same records, their features and held-out quality."""
+
+    features: FeatureBuilder
+    ensemble: PredictorEnsemble
+    baseline: BaselineEnsemble
+    quality: PredictorQuality
+
+
+def train_and_compare(graph: LayerGraph, table, records: Sequence[Record], config: PredictorConfig
+                      ) -> TrainedPredictors:
+    """Train both predictors on ``records`` and compare them held out. Autograd is switched back on: ComfyUI runs
+    nodes under inference mode, and training needs it (and tensors made outside it)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        features = FeatureBuilder.from_table(graph, table)
+        ensemble = train_predictor(graph, features, records, config)
+        baseline = train_baseline(features, records, config)
+    return TrainedPredictors(features, ensemble, baseline, compare(ensemble, baseline))
