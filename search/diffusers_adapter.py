@@ -43,6 +43,7 @@ from ..quant.table import OptionTable, option_table
 from .construct import Construction, evaluate_constructions, paper_rule
 from .graph import LayerGraph, trace_graph
 from .journal import Journal, Record
+from .journal_file import JournalFile
 from .marginal import predicted_knapsack
 from .objectives import DenoiseError, StateRecorder, TrajectoryStates, states_cache_key
 from .predictor import PredictorConfig
@@ -343,7 +344,7 @@ class DiffusersSearch:
         """Put the model's own dense layers back."""
         self.swapper.restore()
 
-    def open_journal(self, path: str | os.PathLike, **kwargs: Any) -> Journal:
+    def open_journal(self, path: str | os.PathLike | JournalFile, **kwargs: Any) -> Journal:
         return Journal.open(path, **self.journal_kwargs, **kwargs)
 
 
@@ -395,8 +396,8 @@ def _restored(ctx: DiffusersSearch) -> Iterator[None]:
         ctx.restore()
 
 
-def run_diffusers_search(ctx: DiffusersSearch, journal: str | os.PathLike, *, max_configs: int | None = None,
-                         max_seconds: float | None = None,
+def run_diffusers_search(ctx: DiffusersSearch, journal: str | os.PathLike | JournalFile, *,
+                         max_configs: int | None = None, max_seconds: float | None = None,
                          progress: Callable[[SearchProgress], None] | None = None) -> SearchResult:
     """Evaluate random configs into ``journal`` (created or resumed); the model is restored afterwards."""
     with _restored(ctx), ctx.open_journal(journal) as j:
@@ -540,7 +541,27 @@ def search_folder(folder: str | os.PathLike, journal: str | os.PathLike, *, cond
                   targets: str | Sequence[float] = (3.5, 4.0), export_jsonl: str | None = None,
                   cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
     """The command line's ``--diffusers <folder>``: search (resumable journal), then optionally the report and the
-    constructed configs in ``report_dir``; returns a JSON-able summary."""
+    constructed configs in ``report_dir``; returns a JSON-able summary. The journal's writer lock is taken first: a
+    journal another search writes fails at once (:class:`JournalLocked`), before loading and preparing."""
+    journal = Path(journal).resolve()
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal_file = JournalFile(journal)
+    journal_file.acquire_lock()
+    try:
+        return _search_folder(folder, journal_file, conditioning=conditioning, class_labels=class_labels,
+                              configs=configs, minutes=minutes, seed=seed, steps=steps, n_states=n_states,
+                              n_seeds=n_seeds, cfg=cfg, latent_size=latent_size, report_dir=report_dir,
+                              targets=targets, export_jsonl=export_jsonl, cache_dir=cache_dir, log=log)
+    finally:
+        journal_file.release_lock()  # idempotent: the journal took it over and released it when it closed
+
+
+def _search_folder(folder: str | os.PathLike, journal_file: JournalFile, *, conditioning: str | None,
+                   class_labels: str | None, configs: int, minutes: float, seed: int, steps: int, n_states: int,
+                   n_seeds: int, cfg: float, latent_size: int | None, report_dir: str | os.PathLike | None,
+                   targets: str | Sequence[float], export_jsonl: str | None, cache_dir: str | os.PathLike | None,
+                   log: Callable[[str], None]) -> dict:
+    journal = journal_file.path
     model, scheduler = load_folder(folder)
     pos, neg = folder_conditioning(model, conditioning=conditioning, class_labels=class_labels)
     guidance = cfg if neg is not None else 1.0
@@ -548,12 +569,10 @@ def search_folder(folder: str | os.PathLike, journal: str | os.PathLike, *, cond
         log(f"no negative conditioning: states are recorded without CFG (cfg {cfg} ignored)")
     spec = DiffusersSpec(seed=seed, n_seeds=n_seeds, n_states=n_states, steps=steps, guidance_scale=guidance,
                          latent_size=latent_size)
-    journal = Path(journal).resolve()
-    journal.parent.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else journal.parent / "qua2sedimo-cache"
     ctx = prepare_search(model, scheduler, pos, spec=spec, negative=neg if guidance != 1.0 else None,
                          cache_dir=cache, progress=lambda d, t, label="": log(f"option table {d}/{t} {label}"))
-    res = run_diffusers_search(ctx, journal, max_configs=configs, max_seconds=minutes * 60 or None,
+    res = run_diffusers_search(ctx, journal_file, max_configs=configs, max_seconds=minutes * 60 or None,
                                progress=lambda p: log(p.text()))
     summary: dict[str, Any] = {
         "status": res.status, "done": res.done, "new": res.new, "seconds": round(res.seconds, 2),

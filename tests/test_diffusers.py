@@ -237,3 +237,22 @@ def test_only_the_adapter_imports_diffusers():
     hits = [p.relative_to(ROOT).as_posix() for d in ("quant", "search", "nodes") for p in (ROOT / d).rglob("*.py")
             if re.search(r"^\s*(?:import diffusers|from diffusers)", p.read_text(encoding="utf-8"), re.M)]
     assert hits == ["search/diffusers_adapter.py"]
+
+
+def test_search_folder_takes_the_journal_lock_before_loading(tmp_path):
+    """A journal another search writes fails at once, before the folder is even read (defect 9's rule for the
+    diffusers path): with the lock held elsewhere a missing folder is not what is reported."""
+    from qua2sedimo.search.diffusers_adapter import search_folder
+    from qua2sedimo.search.journal import JournalLocked
+    from qua2sedimo.search.journal_file import JournalFile
+
+    journal = tmp_path / "busy.sqlite"
+    other = JournalFile(journal)
+    other.acquire_lock()
+    try:
+        with pytest.raises(JournalLocked):
+            search_folder(tmp_path / "no-such-folder", journal, class_labels="1")
+    finally:
+        other.release_lock()
+    with pytest.raises(ValueError, match="not a diffusers folder"):
+        search_folder(tmp_path / "no-such-folder", journal, class_labels="1")
