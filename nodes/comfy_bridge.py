@@ -653,6 +653,15 @@ def sample_latents(model, positive, negative, *, seed: int, steps: int, cfg: flo
     import comfy.sample
 
     latent = comfy.sample.fix_empty_latent_channels(model, empty_latent(model, width, height))
+    return _ksampler(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                     scheduler=scheduler)
+
+
+def _ksampler(model, positive, negative, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
+              sampler_name: str, scheduler: str) -> torch.Tensor:
+    """ComfyUI's KSampler on ``latent`` with the noise KSampler draws for ``seed`` (no progress bar)."""
+    import comfy.sample
+
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                seed=seed, disable_pbar=True)
@@ -832,9 +841,5 @@ def sample_batch(model, positive, negative, *, latent_shape: tuple[int, ...], se
                  sampler_name: str = "euler", scheduler: str = "simple") -> torch.Tensor:
     """ComfyUI's KSampler on an empty latent of ``latent_shape`` (a whole batch from one noise seed, as KSampler
     draws it); returns the LATENT samples."""
-    import comfy.sample
-
-    latent = torch.zeros(latent_shape)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                               seed=seed, disable_pbar=True)
+    return _ksampler(model, positive, negative, torch.zeros(latent_shape), seed=seed, steps=steps, cfg=cfg,
+                     sampler_name=sampler_name, scheduler=scheduler)
