@@ -238,15 +238,15 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
     rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`)."""
     qmax = (1 << bits) - 1
     wmax, wmin, scale, delta, zero = _uaq_setup(w, qmax, alphas)
-    choice = torch.empty(w.shape[0], dtype=torch.int64, device=w.device)
     step = max(1, _UAQ_BLOCK_ELEMS // w.shape[1]) if w.device.type == "cpu" else w.shape[0]
 
-    def rows_of(part: slice) -> None:
-        for i in range(part.start, part.stop, step):
-            s = slice(i, min(i + step, part.stop))
-            choice[s] = _uaq_block(w[s], delta[:, s], zero[:, s], scale[s], qmax)
+    def rows_of(part: slice) -> torch.Tensor:
+        # returned, not written into a shared tensor: ComfyUI runs nodes under inference mode, which the row
+        # threads do not inherit, and a tensor made under it cannot be written outside it
+        blocks = [slice(i, min(i + step, part.stop)) for i in range(part.start, part.stop, step)]
+        return torch.cat([_uaq_block(w[b], delta[:, b], zero[:, b], scale[b], qmax) for b in blocks])
 
-    _map_row_blocks(rows_of, w.shape[0], w.numel(), w.device)
+    choice = torch.cat(_map_row_blocks(rows_of, w.shape[0], w.numel(), w.device))
     rows = torch.arange(w.shape[0], device=w.device)
     return _uaq_table(w, wmax, wmin, delta[choice, rows], zero[choice, rows], qmax)
 

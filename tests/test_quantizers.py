@@ -364,3 +364,18 @@ def test_uaq_clip_search_scores_few_candidates(monkeypatch):
     w = _uaq_rows("gauss-outliers", 512, 1152, seed=0).half().float()
     quantizers.uaq_codes(w, 4)
     assert sum(scored) / 512 < 2.0
+
+
+def test_uaq_under_inference_mode_on_row_threads():
+    """ComfyUI runs nodes under inference mode: the clip search's row threads (a layer big enough to split) must not
+    write into a tensor made under it ("Inplace update to inference tensor outside InferenceMode")."""
+    w = _uaq_rows("gauss-outliers", 256, 512, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            codes, lut = quantizers.uaq_codes(w, 4)
+    finally:
+        torch.set_num_threads(threads)
+    ref = quantizers.uaq_codes_reference(w, 4)
+    assert torch.equal(codes, ref[0]) and torch.equal(lut, ref[1])
