@@ -635,24 +635,34 @@ def routed(model, fn):
     return out
 
 
-def empty_latent(model, width: int, height: int) -> torch.Tensor:
-    """The empty latent of one ``width``×``height`` image (video models: one frame, 5-D) in the MODEL's latent
-    format: its channels, dimensions and spatial compression (×8, Wan 2.2 ×16, …)."""
+def empty_latent(model, width: int, height: int, batch: int = 1) -> torch.Tensor:
+    """The empty latent of ``batch`` ``width``×``height`` images (video models: one frame, 5-D) in the MODEL's
+    latent format: its channels, dimensions and spatial compression (×8, Wan 2.2 ×16, …)."""
     fmt = model.get_model_object("latent_format")
     ratio = int(getattr(fmt, "spacial_downscale_ratio", 8))
     if width % ratio or height % ratio or width < ratio or height < ratio:
         raise ValueError(f"width and height must be positive multiples of {ratio} for this model's latents "
                          f"(got {width}×{height})")
     frames = (1,) if getattr(fmt, "latent_dimensions", 2) == 3 else ()
-    return torch.zeros(1, getattr(fmt, "latent_channels", 4), *frames, height // ratio, width // ratio)
+    return torch.zeros(batch, getattr(fmt, "latent_channels", 4), *frames, height // ratio, width // ratio)
+
+
+def conditioning_batch(conditioning) -> int:
+    """Prompts in a CONDITIONING: the largest batch among its entries' tensors (1 when it has none)."""
+    sizes = [int(entry[0].shape[0]) for entry in conditioning or () if isinstance(entry, list | tuple) and entry
+             and isinstance(entry[0], torch.Tensor) and entry[0].dim() >= 2]
+    return max(sizes, default=1)
 
 
 def sample_latents(model, positive, negative, *, seed: int, steps: int, cfg: float, sampler_name: str,
                    scheduler: str, width: int, height: int) -> torch.Tensor:
-    """ComfyUI's KSampler on an empty latent of ``width``×``height`` pixels (fixed seed, no progress bar)."""
+    """ComfyUI's KSampler on an empty latent of ``width``×``height`` pixels (fixed seed, no progress bar): one
+    image per prompt of ``positive`` (:func:`conditioning_batch`), so a batch of prompts is sampled whole instead of
+    ComfyUI cropping it to the latent's batch of 1."""
     import comfy.sample
 
-    latent = comfy.sample.fix_empty_latent_channels(model, empty_latent(model, width, height))
+    latent = comfy.sample.fix_empty_latent_channels(
+        model, empty_latent(model, width, height, batch=conditioning_batch(positive)))
     return _ksampler(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                      scheduler=scheduler)
 

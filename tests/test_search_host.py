@@ -83,6 +83,31 @@ def test_image_objective_and_bad_input(comfy_inproc, tiny_models, tmp_path, monk
 
 
 @pytest.mark.comfy_inproc
+def test_a_batch_of_prompts_is_searched_whole(comfy_inproc, tiny_models, tmp_path, monkeypatch):
+    """Three prompts in one CONDITIONING: every one is sampled (one image per prompt and seed), not cropped to the
+    first by ComfyUI's batch matching; the FP reference differs per prompt."""
+    import torch
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.nodes import search_jobs as jobs
+
+    mp, pos, neg = _setup(tiny_models, tmp_path, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    pos3 = [[torch.cat([pos[0][0], torch.randn(2, *pos[0][0].shape[1:], generator=g)]), dict(pos[0][1])]]
+    assert bridge.conditioning_batch(pos3) == 3 and bridge.conditioning_batch(pos) == 1
+    ctx = jobs.prepare(mp, pos3, neg, jobs.SearchSpec(objective="image", **SMALL))
+    fp = ctx.reference.fp_latents
+    assert fp.shape[0] == 3 and not torch.equal(fp[1], fp[2])
+    one = bridge.sample_latents(mp, pos, neg, seed=SMALL.get("seed", 0), steps=SMALL["steps"], cfg=4.0,
+                                sampler_name="euler", scheduler="normal", width=384, height=384)
+    assert one.shape[0] == 1
+    ctx = jobs.prepare(mp, pos3, neg, jobs.SearchSpec(**SMALL))
+    assert {s.x.shape[0] for s in ctx.reference.states} == {3}
+    names = [la.name for la in ctx.layers]
+    assert ctx.evaluate({n: "uaq-3" for n in names})["denoise_error"] > 0
+
+
+@pytest.mark.comfy_inproc
 def test_background_job_stop_and_status(comfy_inproc, tiny_models, tmp_path, monkeypatch):
     from qua2sedimo.nodes import search_jobs as jobs
     from qua2sedimo.search.report import pareto_png, status_text
