@@ -3,11 +3,13 @@ cheap objective tracks them.
 
 On the digits SD3 of ``nodes/reference_model.py`` (trained or taken from its cache; ComfyUI in-process, CPU):
 (a) a search journal of ``--random`` configs from the paper's sampler, objective ``denoise_error`` (conditioning:
-one digit class against 'no class'); (b) the Sensitivity Report's analysis: predictor, unit scores, knapsack at
-b̄ 3.25 / 3.5 / 3.75 / 4.0 and the paper rule, measured; uniform {UAQ, K-Means-C, K-Means-A} × {3, 4};
-(c) every config (and FP, twice: the second with other seeds is the noise level) samples ``--samples`` digits with
-ComfyUI's KSampler (same seeds for every config) → FID on the held-out classifier's features and class accuracy;
-(d) Spearman of ``denoise_error`` vs FID over all configs; one plot (FID vs b̄), one table.
+the ten classes as one batch of prompts against 'no class', or one class with ``--digit``); (b) the Sensitivity
+Report's analysis: predictor, unit scores, knapsack at b̄ 3.25 / 3.5 / 3.75 / 3.9 / 4.0 and the paper rule,
+measured; uniform {UAQ, K-Means-C, K-Means-A} × {3, 4}; (c) every config (and FP, twice: the second with other
+seeds is the noise level) samples ``--samples`` digits with ComfyUI's KSampler (same seeds for every config) → FID
+on the held-out classifier's features and class accuracy; (d) the objective study: Spearman vs FID over all configs
+of ``denoise_error`` and its variants (one class, more states, v-space weighting of the states) and of the
+``image`` objective; one plot (FID vs b̄), tables.
 
 Run: ``set -a && . .venv/.qua2sedimo-host.env && set +a && .venv/bin/python bench/quality_trained.py``
 (``--random 60 --samples 500`` by default; writes ``bench-output/quality-trained/``).
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # comfy_host
 
 UNIFORM = ("uaq-4", "kmeans_c-4", "kmeans_a-4", "uaq-3", "kmeans_c-3", "kmeans_a-3")
-TARGETS = (3.25, 3.5, 3.75, 4.0)
+TARGETS = (3.25, 3.5, 3.75, 3.9, 4.0)
 
 
 def _plot(rows: list[dict], fp_fid: float, noise: float, path: Path) -> None:
@@ -57,11 +59,68 @@ def _plot(rows: list[dict], fp_fid: float, noise: float, path: Path) -> None:
     plt.close(fig)
 
 
+def objective_study(mp, ctx, spec, configs: list[dict], fids, *, seed: int) -> list[dict]:
+    """Spearman vs FID of the search's objective and its variants, each measured on every config:
+    ``denoise_error`` as searched, its states re-weighted to velocity space (``e_i / σ_i²``), with 4× the states,
+    on one class only; the ``image`` objective (final-latent NMSE after the full sampler) on all classes / one."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from scipy import stats
+
+    from qua2sedimo.nodes import reference_model as rm
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.search import digits
+    from qua2sedimo.search.objectives import DenoiseError
+
+    def conditioning(classes):
+        return rm.conditioning(classes), rm.conditioning([digits.NULL_CLASS] * len(classes))
+
+    everyone, one = list(range(digits.N_CLASSES)), [7]
+    per_state = DenoiseError(ctx.reference.states, device=mp.load_device)
+    sigma = np.array([float(s.t.flatten()[0]) for s in ctx.reference.states])
+    columns: dict[str, list[float]] = {"denoise_error, v-space weights e_i/σ_i² (8 states)": []}
+    seconds: dict[str, float] = {"denoise_error, v-space weights e_i/σ_i² (8 states)": 0.0}
+    searched_name = "denoise_error, all classes, 8 states (the search's)"
+    seconds[searched_name] = 0.0
+    for c in configs:
+        t0 = time.perf_counter()
+        ctx.evaluate(c["options"])
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            e = per_state.errors(ctx.search_model.apply_model).numpy()
+        columns["denoise_error, v-space weights e_i/σ_i² (8 states)"].append(float((e / sigma ** 2).mean()))
+        seconds[searched_name] += t1 - t0
+        seconds["denoise_error, v-space weights e_i/σ_i² (8 states)"] += time.perf_counter() - t1
+    variants = {
+        "denoise_error, 32 states (4 seeds)": (dataclasses.replace(spec, n_seeds=4, n_states=32), everyone),
+        "denoise_error, one class (digit 7), 8 states": (spec, one),
+        "image_nmse, all classes (2 seeds)": (dataclasses.replace(spec, objective="image"), everyone),
+        "image_nmse, one class (digit 7)": (dataclasses.replace(spec, objective="image"), one),
+    }
+    for name, (vspec, classes) in variants.items():
+        vctx = jobs.prepare(mp, *conditioning(classes), vspec)
+        t0 = time.perf_counter()
+        columns[name] = [float(vctx.evaluate(c["options"])[vctx.primary]) for c in configs]
+        seconds[name] = time.perf_counter() - t0
+        print(f"  {name}: {seconds[name]:.0f} s", flush=True)
+    rows = []
+    random = np.array([c["kind"] == "random" for c in configs])
+    searched = np.array([c["denoise_error"] for c in configs])
+    for name, values in {searched_name: searched, **columns}.items():
+        v = np.asarray(values, dtype=float)
+        rows.append({"objective": name, "seconds_per_config": seconds.get(name, float("nan")) / len(configs),
+                     "all": float(stats.spearmanr(v, fids).statistic),
+                     "random": float(stats.spearmanr(v[random], fids[random]).statistic)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--random", type=int, default=60, help="random configs in the journal")
     ap.add_argument("--samples", type=int, default=500, help="digits sampled per config")
-    ap.add_argument("--digit", type=int, default=7, help="the class the search conditions on")
+    ap.add_argument("--digit", type=int, default=None, help="search on this class only (default: all ten)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-output" / "quality-trained")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -90,7 +149,8 @@ def main() -> None:
     spec = jobs.SearchSpec(objective="denoise_error", seed=args.seed, n_seeds=2, n_states=8, steps=10,
                            cfg=rm.METRIC_SAMPLING["cfg"], sampler_name=rm.SAMPLING["sampler_name"],
                            scheduler=rm.SAMPLING["scheduler"], width=rm.SAMPLE_PX, height=rm.SAMPLE_PX)
-    pos, neg = rm.conditioning([args.digit]), rm.conditioning([digits.NULL_CLASS])
+    classes = list(range(digits.N_CLASSES)) if args.digit is None else [args.digit]
+    pos, neg = rm.conditioning(classes), rm.conditioning([digits.NULL_CLASS] * len(classes))
     t0 = time.perf_counter()
     ctx = jobs.prepare(mp, pos, neg, spec)
     path = out / "journal-digits.sqlite"
@@ -155,19 +215,23 @@ def main() -> None:
     rho = float(stats.spearmanr(de, fids).statistic)
     rho_random = float(stats.spearmanr(de[[c["kind"] == "random" for c in configs]],
                                        fids[[c["kind"] == "random" for c in configs]]).statistic)
+    t0 = time.perf_counter()
+    study = objective_study(mp, ctx, spec, configs, fids, seed=args.seed)
+    t_study = time.perf_counter() - t0
     _plot(configs, fp.fid, noise, out / "fid-vs-bits.png")
     random35 = [c for c in configs if c["kind"] == "random" and c["avg_bits"] <= 3.5]
     best_random35 = min(random35, key=lambda c: c["fid"]) if random35 else None
     summary = {
         "model": {"path": str(trained.path), **{k: trained.meta[k] for k in ("version", "params", "train_seconds")}},
-        "samples": args.samples, "random": args.random, "digit": args.digit,
+        "samples": args.samples, "random": args.random, "classes": classes,
         "fp": fp.to_dict(), "fp_other_seeds": fp_other.to_dict(), "fp_seed_noise_fid": round(noise, 4),
         "spearman_denoise_error_vs_fid": {"all": round(rho, 4), "random": round(rho_random, 4)},
+        "objective_study": study,
         "predictor": report["predictor"],
         "best_random_at_or_below_3.5": None if best_random35 is None else
         {k: best_random35[k] for k in ("name", "avg_bits", "fid", "accuracy")},
         "configs": [{k: v for k, v in c.items() if k != "options"} for c in configs],
-        "seconds": {"search": round(t_search, 1), "analyse": round(t_analyse, 1),
+        "seconds": {"search": round(t_search, 1), "analyse": round(t_analyse, 1), "study": round(t_study, 1),
                     "total": round(time.perf_counter() - t_all, 1)},
     }
     (out / "quality-trained.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -182,6 +246,9 @@ def main() -> None:
     if best_random35:
         print(f"| best random b̄ ≤ 3.5 ({best_random35['name']}) | {best_random35['avg_bits']:.3f} | "
               f"{best_random35['denoise_error']:.4g} | {best_random35['fid']:.3f} | {best_random35['accuracy']:.3f} |")
+    print("\n| objective | cost per config (s) | Spearman vs FID, all | random only |\n|---|---|---|---|")
+    for row in study:
+        print(f"| {row['objective']} | {row['seconds_per_config']:.2f} | {row['all']:.3f} | {row['random']:.3f} |")
     print(f"total {summary['seconds']['total']:.0f} s → {out}")
 
 

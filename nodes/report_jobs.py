@@ -125,7 +125,8 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
     op_types = {la.name: la.op_type for la in graph.layers}
     report = build_report(unit_scores=scores, records=records, constructions=constructions, predictor_quality=quality,
                           op_types=op_types, objective=handle.primary, targets=targets, evaluated=n_random)
-    figures = {f"insights-{k}": v for k, v in insight_figures(aggregate_insights(scores)).items()}
+    warning = report.warnings[0] if report.warnings else None
+    figures = {f"insights-{k}": v for k, v in insight_figures(aggregate_insights(scores), warning).items()}
     figures["chosen-options"] = chosen_options_png({c.label: c.options for c in constructions}, op_types)
     figures["pareto"] = pareto_png(records, objective=handle.primary, constructions=constructions)
     step("report", t)

@@ -125,6 +125,7 @@ class SearchContext:
     primary: str
     table: object = None  # the OptionTable
     search_dm: object = None  # the search's own denoiser module tree (quantized layers are swapped into it)
+    search_model: object = None  # the search's BaseModel copy around it (``apply_model``)
     forward_once: Callable[[], object] | None = None  # one denoiser call (for tracing the layer graph)
     spec: SearchSpec | None = None
     positive: list | None = None
@@ -279,8 +280,8 @@ def prepare_plan(p: SearchPlan, *, progress=None) -> SearchContext:
     evaluate, forward_once, primary, base = build_evaluate(p.model, p.positive, p.negative, p.spec, table, reference,
                                                            base)
     return SearchContext(p.model, p.layers, p.sampler, evaluate, p.journal_kwargs, primary, table=table,
-                         search_dm=base.diffusion_model, forward_once=forward_once, spec=p.spec, positive=p.positive,
-                         negative=p.negative, reference=reference)
+                         search_dm=base.diffusion_model, search_model=base, forward_once=forward_once, spec=p.spec,
+                         positive=p.positive, negative=p.negative, reference=reference)
 
 
 def prepare(model, positive, negative, spec: SearchSpec, *, progress=None) -> SearchContext:

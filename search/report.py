@@ -72,6 +72,12 @@ _INPUT_SIDE = ("t-embed", "c-embed", "patchify", "conv-in")  # global units draw
 FIGURE_INCHES = (8.0, 5.0)
 FIGURE_DPI = 150
 TEXT_WIDTH = 100  # report_text wraps longer lines (the node's text box wraps too, but without the indent)
+STABLE_CONFIGS = 50  # PLACEHOLDER
+"""Evaluated configs below which the sensitivity ranking is not yet stable, measured on the trained reference model
+(``bench/predictor_stability.py``, docs/benchmarks.md): the op-level unit scores trained on fewer configs rank
+unlike those of 200 configs. Fewer → a warning in the report, its text and its figures."""
+MIN_HELDOUT_SPEARMAN = 0.5
+"""The GNN's pooled held-out Spearman below which its scores are reported as unreliable whatever the count."""
 
 
 def _figure():
@@ -198,7 +204,8 @@ def _index_order(key: Any) -> tuple:
     return (0 if key in _INPUT_SIDE else 2, 0, str(key))
 
 
-def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, sort_keys: bool = False) -> bytes:
+def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, sort_keys: bool = False,
+             warning: str | None = None) -> bytes:
     keys = [k for k in data if any(math.isfinite(float(v)) for v in data[k])]
     if sort_keys:
         keys.sort(key=_index_order)
@@ -219,11 +226,17 @@ def _box_png(data: Mapping[Any, Sequence[float]], *, title: str, xlabel: str, so
         ax.set_xlabel(xlabel)
         ax.set_ylabel("unit score (higher = better)")
         ax.grid(alpha=0.3, axis="y")
+        if warning:
+            fig.text(0.5, 0.985, "\n".join(textwrap.wrap(f"PROVISIONAL — {warning}", 110)), ha="center", va="top",
+                     fontsize=8, color="#b00020", bbox=dict(facecolor="#fff0f0", edgecolor="#b00020", lw=0.8))
+            return _png(fig, rect=(0, 0, 1, 0.88))
         return _png(fig)
 
 
-def insight_figures(insights: Mapping[str, Mapping[Any, Sequence[float]]]) -> dict[str, bytes]:
-    """Box plots of unit scores (paper §4.3): ``{"op_type": png, "block_category": png, "block_index": png}``.
+def insight_figures(insights: Mapping[str, Mapping[Any, Sequence[float]]], warning: str | None = None
+                    ) -> dict[str, bytes]:
+    """Box plots of unit scores (paper §4.3): ``{"op_type": png, "block_category": png, "block_index": png}``;
+    ``warning`` (e.g. the report's first) is drawn as a red banner over each, so a provisional plot says so.
 
     ``insights`` is the dict of ``search.insights.aggregate_insights`` (missing or empty groups give a figure that
     says so). Block indices are drawn in order, global units before (t-embed, c-embed, patchify, conv-in) or after
@@ -231,11 +244,12 @@ def insight_figures(insights: Mapping[str, Mapping[Any, Sequence[float]]]) -> di
     """
     insights = insights or {}
     return {
-        "op_type": _box_png(insights.get("op_type") or {}, title="Sensitivity per op type", xlabel="op type"),
+        "op_type": _box_png(insights.get("op_type") or {}, title="Sensitivity per op type", xlabel="op type",
+                            warning=warning),
         "block_category": _box_png(insights.get("block_category") or {}, title="Sensitivity per block category",
-                                   xlabel="block category"),
+                                   xlabel="block category", warning=warning),
         "block_index": _box_png(insights.get("block_index") or {}, title="Sensitivity per block index",
-                                xlabel="block index", sort_keys=True),
+                                xlabel="block index", sort_keys=True, warning=warning),
     }
 
 
@@ -444,6 +458,7 @@ class Report:
     evaluated: int  # configs of the random search
     evaluated_summary: dict  # every evaluated record: count by source, best, Pareto front
     recommendations: list[str]
+    warnings: list[str]  # why the scores, insights and constructions should not be trusted yet (empty: no reason)
     predictor: PredictorSummary | None
     constructed: list[MeasuredConstruction]
     baselines: Baselines
@@ -451,6 +466,26 @@ class Report:
 
     def to_json(self) -> dict:
         return _plain({"format": REPORT_FORMAT, "version": REPORT_VERSION, **dataclasses.asdict(self)})
+
+
+def reliability_warnings(unit_scores: Sequence[Any], evaluated: int, summary: PredictorSummary | None
+                         ) -> list[str]:
+    """Why a report's scores should not be trusted yet: too few evaluated configs for a stable ranking
+    (:data:`STABLE_CONFIGS`), a predictor that ranks held-out configs poorly (:data:`MIN_HELDOUT_SPEARMAN`), or
+    scores that are all zero. Empty when none applies."""
+    out: list[str] = []
+    rho = summary.spearman if summary is not None else None
+    if unit_scores and not any(math.isfinite(v := float(field_of(s, "score"))) and v != 0 for s in unit_scores):
+        out.append(f"every sensitivity score is 0: the predictor could not rank the {evaluated} evaluated configs "
+                   f"(held-out Spearman {_fmt(rho)}); the insights and constructions are meaningless")
+    if unit_scores and evaluated < STABLE_CONFIGS:
+        out.append(f"only {evaluated} configs evaluated: below {STABLE_CONFIGS} the sensitivity ranking is not stable "
+                   "(measured on the trained reference model), so the insights and constructions are provisional "
+                   f"— run the search to at least {STABLE_CONFIGS} configs")
+    if rho is not None and rho < MIN_HELDOUT_SPEARMAN:
+        out.append(f"the predictor ranks held-out configs poorly (Spearman {rho:.2f} < {MIN_HELDOUT_SPEARMAN}): its "
+                   "scores are unreliable — evaluate more configs")
+    return out
 
 
 def build_report(
@@ -517,11 +552,7 @@ def build_report(
                          "pareto": [_record_summary(r) for r in pareto_front(finite)]}
 
     recs: list[str] = []
-    if unit_scores and not any(math.isfinite(v := float(field_of(s, "score"))) and v != 0 for s in unit_scores):
-        recs.append(
-            f"WARNING: every sensitivity score is 0 — the predictor could not rank the {evaluated} evaluated configs "
-            f"(held-out Spearman {summary.spearman if summary else None}); the insights and the constructions are "
-            "meaningless: run the search longer (≥ 50 configs; ~200 for stable insights)")
+    warnings = reliability_warnings(unit_scores, evaluated, summary)
     for t, b in sorted(bits.items(), key=lambda kv: -(kv[1]["frac_3bit"] or 0)):
         f = b["frac_3bit"]
         if f is None:
@@ -564,7 +595,7 @@ def build_report(
 
     return Report(objective, {lvl: len(us) for lvl, us in by_level.items()}, sensitive, categories, bits,
                   quality_rows, built, {"n": len(pairs), "spearman": rho}, evaluated, evaluated_summary, recs,
-                  summary, _measured(records, constructions), _baselines(records, targets), sampled)
+                  warnings, summary, _measured(records, constructions), _baselines(records, targets), sampled)
 
 
 def report_json(**kwargs: Any) -> dict:
@@ -640,6 +671,9 @@ def report_text(report: Report | Mapping) -> str:
     recs = report.get("recommendations") or []
     if recs:
         sections.append(("recommendations", [ln for r in recs for ln in _wrapped(r, "  - ", "    ")]))
+    warns = report.get("warnings") or []
+    if warns:
+        sections.insert(0, ("WARNING", [ln for w in warns for ln in _wrapped(w, "  ! ", "    ")]))
     out = [f"# Qua²SeDiMo sensitivity report — objective: {objective}"]
     for heading, lines in sections:
         out += ["", f"## {heading}", *lines]
