@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from .quant.atomic import atomic_write_text
+from .search.report import STABLE_CONFIGS
 
 REPO = Path(__file__).resolve().parent
 TESTS = REPO / "tests"
@@ -41,7 +42,6 @@ QUALITY_ROWS = {"fp": "fp", "uniform-w4": "uaq-4", "uniform-w3": "uaq-3"}  # + k
 STEMS = {"uniform": "1. Quantize W4 and sample", "mixed": "2. Mixed bits and save",
          "load": "3. Sample a quantized file", "search": "5. Search in background",
          "full": "6. Search report and build"}
-SEARCH_CONFIGS = 12
 
 
 def _helpers():
@@ -129,7 +129,7 @@ def digits_graph(api: dict, *, search_configs: int = 4) -> dict:
     return graph
 
 
-def run_workflows(server, out: Path) -> dict:
+def run_workflows(server, out: Path, search_configs: int) -> dict:
     """Queue the three example workflows; copy their results into ``out``; return their summaries."""
     _, _, wa = _helpers()
     results: dict = {}
@@ -160,18 +160,18 @@ def run_workflows(server, out: Path) -> dict:
     info = json.loads(next(t for t in _ui(entry, "text") if t.startswith("{")))
     results["load_quantized"] = {"seconds": round(time.perf_counter() - t0, 2), "image": "sample-from-quantized.png",
                                  "avg_bits": info["avg_bits"], "model_class": info["model"]}
-    results["search"] = run_search(server, out)
-    results["report"] = run_report(server, out)
+    results["search"] = run_search(server, out, search_configs)
+    results["report"] = run_report(server, out, search_configs)
     return results
 
 
-def run_report(server, out: Path) -> dict:
+def run_report(server, out: Path, search_configs: int) -> dict:
     """search (resumed from the demo journal) → report → config at 3.5 bits → apply → sample → save.
 
     Writes ``out/report.json`` (the node's report with the figure paths made relative to ``out``) and the figures.
     """
     _, _, wa = _helpers()
-    graph = digits_graph(wa.twin(STEMS["full"]), search_configs=SEARCH_CONFIGS)
+    graph = digits_graph(wa.twin(STEMS["full"]), search_configs=search_configs)
     node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
     node["inputs"].update(journal="demo", n_states=8, n_seeds=2, steps=10)
     t0 = time.perf_counter()
@@ -195,6 +195,7 @@ def run_report(server, out: Path) -> dict:
     saved = next(s["file"] for s in _ui(entry, "qua2sedimo") if "knapsack-3.5" in s.get("file", ""))
     shutil.copyfile(server.base / "output" / saved, out / "model-knapsack-3.5.q.safetensors")
     return {"seconds": round(seconds, 2), "report": "report.json", "build_config": built,
+            "warnings": report.get("warnings", []),
             "image": "sample-knapsack-3.5.png" if images else None, "file": "model-knapsack-3.5.q.safetensors"}
 
 
@@ -216,11 +217,11 @@ def _copy_journal(server, out: Path) -> list[tuple]:
         dst.close()
 
 
-def run_search(server, out: Path) -> dict:
+def run_search(server, out: Path, search_configs: int) -> dict:
     """The search workflow in 'wait' mode (small budget); its journal is copied to ``out/journal.sqlite``."""
 
     _, _, wa = _helpers()
-    graph = digits_graph(wa.twin(STEMS["search"]), search_configs=SEARCH_CONFIGS)
+    graph = digits_graph(wa.twin(STEMS["search"]), search_configs=search_configs)
     node = next(n for n in graph.values() if n["class_type"] == "Qua2SeDiMoSearch")
     node["inputs"].update(mode="wait", journal="demo", n_states=8, n_seeds=2, steps=10)
     t0 = time.perf_counter()
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  "uniform W4/W3 and the searched knapsack config")
     ap.add_argument("--out", type=Path, default=Path("demo-output"))
     ap.add_argument("--samples", type=int, default=500, help="digits sampled per configuration for FID / accuracy")
+    ap.add_argument("--search-configs", type=int, default=STABLE_CONFIGS,
+                    help="configs the demo's search evaluates (the report warns below its default)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_server = time.perf_counter()
     with comfy_host.ComfyServer(base) as server:
         t_server = time.perf_counter() - t_server
-        workflows = run_workflows(server, out)
+        workflows = run_workflows(server, out, args.search_configs)
     t_quality = time.perf_counter()
     quality = measure_quality(base, model_file, out / workflows["report"]["file"], out, args.samples)
     quality_rows = {name: {k: v[k] for k in ("avg_bits", "fid", "accuracy", "n")}
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sr['best']['denoise_error']:.4g} at b̄ {sr['best']['avg_bits']:.3f} → journal.sqlite, search-pareto.png")
     rp = workflows["report"]
     print(f"  report → report.json ({rp['seconds']:.0f} s); Build Config: {rp['build_config']}")
+    for w in rp["warnings"]:
+        print(f"  report WARNING: {w}")
     q = summary["quality"]
     print(f"  quality, {q['samples']} digits per config (same seeds, cfg {q['sampling']['cfg']:g}; classifier on "
           f"real digits: {q['classifier_real_accuracy']:.3f}) → {q['grid']} (rows: {', '.join(q['grid_rows'])})")

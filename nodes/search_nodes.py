@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..search.ray_executor import import_ray
-from ..search.report import pareto_png, png_to_array, status_text
+from ..search.report import STABLE_CONFIGS, pareto_png, png_to_array, status_text
 from ..search.sampling import option_set
 from . import comfy_bridge as bridge
 from . import search_jobs as jobs
@@ -95,8 +95,11 @@ class Search(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Combo.Input("objective", options=list(jobs.OBJECTIVES), default="denoise_error",
                                tooltip="denoise_error: teacher-forced denoiser error on cached FP trajectory states "
-                               "(cheapest); image: full sampling, distance of final latents to FP"),
-                io.Int.Input("configs", default=100, min=1, max=100000, tooltip="configs the journal should hold"),
+                               "(cheapest); image: full sampling, distance of final latents to FP (costs more, tracks "
+                               "image quality best)"),
+                io.Int.Input("configs", default=STABLE_CONFIGS, min=1, max=100000,
+                             tooltip=f"configs the journal should hold (the report warns below {STABLE_CONFIGS}: its "
+                             "ranking is not stable yet)"),
                 io.Float.Input("minutes", default=0.0, min=0.0, max=10000.0, step=1.0,
                                tooltip="time budget of this session (0 = none)"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,

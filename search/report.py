@@ -72,7 +72,7 @@ _INPUT_SIDE = ("t-embed", "c-embed", "patchify", "conv-in")  # global units draw
 FIGURE_INCHES = (8.0, 5.0)
 FIGURE_DPI = 150
 TEXT_WIDTH = 100  # report_text wraps longer lines (the node's text box wraps too, but without the indent)
-STABLE_CONFIGS = 50  # PLACEHOLDER
+STABLE_CONFIGS = 120
 """Evaluated configs below which the sensitivity ranking is not yet stable, measured on the trained reference model
 (``bench/predictor_stability.py``, docs/benchmarks.md): the op-level unit scores trained on fewer configs rank
 unlike those of 200 configs. Fewer → a warning in the report, its text and its figures."""

@@ -25,7 +25,7 @@ def test_demo_writes_every_output(tmp_path, monkeypatch):
     from qua2sedimo.quant.format import read_header
 
     monkeypatch.setenv("QUA2SEDIMO_DIGITS_STEPS", str(SHORT_STEPS))
-    summary = demo.main(["--out", str(tmp_path), "--samples", str(SAMPLES)])
+    summary = demo.main(["--out", str(tmp_path), "--samples", str(SAMPLES), "--search-configs", "12"])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     for name in ("sample-uniform-w4.png", "sample-from-quantized.png"):
         assert Image.open(tmp_path / name).size == (384, 384)
@@ -40,6 +40,9 @@ def test_demo_writes_every_output(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "search-pareto.png").size[0] > 100
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluated"] == 12 and report["objective"] == "denoise_error"
+    # 12 configs are too few for a stable ranking: the report, and the demo's summary, say so
+    assert any("only 12 configs evaluated" in w for w in report["warnings"])
+    assert summary["workflows"]["report"]["warnings"] == report["warnings"]
     assert set(report["predictor"]) >= {"spearman", "kendall", "baseline_spearman"}
     rules = {(c["rule"], c["target_bits"]) for c in report["constructed"]}
     assert {("knapsack", 3.5), ("knapsack", 4.0), ("paper", None)} <= rules
