@@ -118,7 +118,10 @@ def objective_study(mp, ctx, spec, configs: list[dict], fids, *, seed: int) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--random", type=int, default=60, help="random configs in the journal")
+    ap.add_argument("--random", type=int, default=60, help="random configs sampled for FID (the journal's first)")
+    ap.add_argument("--journal", type=int, default=None,
+                    help="random configs in the journal the report analyses (default: --random); FID is measured on "
+                    "the first --random of them only")
     ap.add_argument("--samples", type=int, default=500, help="digits sampled per config")
     ap.add_argument("--digit", type=int, default=None, help="search on this class only (default: all ten)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-output" / "quality-trained")
@@ -154,14 +157,15 @@ def main() -> None:
     t0 = time.perf_counter()
     ctx = jobs.prepare(mp, pos, neg, spec)
     path = out / "journal-digits.sqlite"
-    jobs.run_job(ctx, path, max_configs=args.random, max_seconds=None, job=jobs.SearchJob("quality-trained"))
+    n_journal = max(args.random, args.journal or 0)
+    jobs.run_job(ctx, path, max_configs=n_journal, max_seconds=None, job=jobs.SearchJob("quality-trained"))
     t_search = time.perf_counter() - t0
-    handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, "quality-trained", args.random, ctx)
+    handle = jobs.SearchHandle(str(path), ctx.journal_kwargs, ctx.primary, "quality-trained", n_journal, ctx)
     t0 = time.perf_counter()
     analysis = report_jobs.analyse(handle, targets=TARGETS, seed=args.seed)
     t_analyse = time.perf_counter() - t0
     report = analysis.report.to_json()
-    print(f"search {args.random} configs: {t_search:.0f} s; analysis {t_analyse:.0f} s; predictor "
+    print(f"search {n_journal} configs: {t_search:.0f} s; analysis {t_analyse:.0f} s; predictor "
           f"{json.dumps(report['predictor'])}")
 
     configs: list[dict] = []
@@ -171,6 +175,8 @@ def main() -> None:
     for rec in records:
         c = built.get(json.dumps(rec.options, sort_keys=True))
         if rec.source == "random":
+            if rec.idx >= args.random:
+                continue  # analysed by the report, not sampled for FID
             kind, name = "random", f"random {rec.idx}"
         elif c is not None:
             kind, name = c.rule, c.label
@@ -223,7 +229,8 @@ def main() -> None:
     best_random35 = min(random35, key=lambda c: c["fid"]) if random35 else None
     summary = {
         "model": {"path": str(trained.path), **{k: trained.meta[k] for k in ("version", "params", "train_seconds")}},
-        "samples": args.samples, "random": args.random, "classes": classes,
+        "samples": args.samples, "random": args.random, "journal": n_journal, "classes": classes,
+        "report_warnings": report["warnings"],
         "fp": fp.to_dict(), "fp_other_seeds": fp_other.to_dict(), "fp_seed_noise_fid": round(noise, 4),
         "spearman_denoise_error_vs_fid": {"all": round(rho, 4), "random": round(rho_random, 4)},
         "objective_study": study,
