@@ -71,27 +71,19 @@ def main() -> None:
     import torch
     from scipy import stats
 
-    from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.nodes import reference_model as rm
     from qua2sedimo.nodes import report_jobs
     from qua2sedimo.nodes import search_jobs as jobs
     from qua2sedimo.quant.options import FP_OPTION
-    from qua2sedimo.search import digits
     from qua2sedimo.search.graph import trace_graph
     from qua2sedimo.search.predictor import PredictorConfig
     from qua2sedimo.search.quality import train_and_compare
     from qua2sedimo.search.scores import unit_scores
 
-    bridge.register_folders()
     torch.set_num_threads(1)
     t_all = time.perf_counter()
-    trained = rm.train(comfy_host.cache_root() / "reference-models", log=print)
-    mp, _ = bridge.load_model_file(trained.path)
-    spec = jobs.SearchSpec(objective="denoise_error", seed=args.seed, n_seeds=2, n_states=8, steps=10,
-                           cfg=rm.METRIC_SAMPLING["cfg"], sampler_name=rm.SAMPLING["sampler_name"],
-                           scheduler=rm.SAMPLING["scheduler"], width=rm.SAMPLE_PX, height=rm.SAMPLE_PX)
-    classes = list(range(digits.N_CLASSES))
-    pos, neg = rm.conditioning(classes), rm.conditioning([digits.NULL_CLASS] * len(classes))
+    trained, mp = rm.load_trained(comfy_host.cache_root() / "reference-models")
+    pos, neg, spec = rm.search_setup(seed=args.seed)
     ctx = jobs.prepare(mp, pos, neg, spec)
     path = out / "journal-digits.sqlite"
     t0 = time.perf_counter()

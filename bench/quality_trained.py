@@ -143,17 +143,11 @@ def main() -> None:
     from qua2sedimo.quant import QuantConfig
     from qua2sedimo.search import digits
 
-    bridge.register_folders()
     torch.set_num_threads(1)
     t_all = time.perf_counter()
-    trained = rm.train(comfy_host.cache_root() / "reference-models", log=print)
-    print(f"model {trained.path} ({'cached' if trained.cached else 'trained'}; {trained.meta['train_seconds']} s)")
-    mp, _ = bridge.load_model_file(trained.path)
-    spec = jobs.SearchSpec(objective="denoise_error", seed=args.seed, n_seeds=2, n_states=8, steps=10,
-                           cfg=rm.METRIC_SAMPLING["cfg"], sampler_name=rm.SAMPLING["sampler_name"],
-                           scheduler=rm.SAMPLING["scheduler"], width=rm.SAMPLE_PX, height=rm.SAMPLE_PX)
+    trained, mp = rm.load_trained(comfy_host.cache_root() / "reference-models")
     classes = list(range(digits.N_CLASSES)) if args.digit is None else [args.digit]
-    pos, neg = rm.conditioning(classes), rm.conditioning([digits.NULL_CLASS] * len(classes))
+    pos, neg, spec = rm.search_setup(classes, seed=args.seed)
     t0 = time.perf_counter()
     ctx = jobs.prepare(mp, pos, neg, spec)
     path = out / "journal-digits.sqlite"

@@ -77,6 +77,31 @@ def conditioning(labels: torch.Tensor | list[int]) -> list:
     return [[context, {"pooled_output": pooled}]]
 
 
+def load_trained(root: Path, log=print):
+    """``(Trained, MODEL)``: the reference model (trained into ``root`` once, cached) loaded by ComfyUI's loader,
+    with the pack's folders registered."""
+    from . import comfy_bridge as bridge
+
+    bridge.register_folders()
+    trained = train(root, log=log)
+    log(f"model {trained.path} ({'cached' if trained.cached else 'trained'}; {trained.meta['train_seconds']} s)")
+    model, _ = bridge.load_model_file(trained.path)
+    return trained, model
+
+
+def search_setup(classes_: list[int] | None = None, seed: int = 0):
+    """``(positive, negative, SearchSpec)`` of the benchmarks' search on this model: ``denoise_error`` (2 seeds ×
+    4 states of 10-step trajectories) sampled like the quality metric (cfg 1), on ``classes_`` as one batch of
+    prompts (default: all ten) against 'no class'."""
+    from .search_jobs import SearchSpec
+
+    labels = list(range(digits.N_CLASSES)) if classes_ is None else list(classes_)
+    spec = SearchSpec(objective="denoise_error", seed=seed, n_seeds=2, n_states=8, steps=10,
+                      cfg=METRIC_SAMPLING["cfg"], sampler_name=SAMPLING["sampler_name"],
+                      scheduler=SAMPLING["scheduler"], width=SAMPLE_PX, height=SAMPLE_PX)
+    return conditioning(labels), conditioning([digits.NULL_CLASS] * len(labels)), spec
+
+
 def cache_dir(root: Path, steps: int) -> Path:
     return Path(root) / f"{VERSION}-s{steps}"
 
