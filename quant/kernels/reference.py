@@ -23,9 +23,9 @@ NAME = "reference"
 
 #: default upper bound on the number of weights dequantized at once by :func:`lut_linear`
 CHUNK_WEIGHTS = 1 << 24
-#: weights decoded per block by :func:`dequantize_fast` (int32 indices + output rows); 2**20 measured fastest of
-#: 2**14..2**24 on a 2-core AVX2 EPYC (bench/cpu_step.py --decode)
-DECODE_WEIGHTS = 1 << 20
+#: weights decoded per block by :func:`dequantize_fast` (int32 indices + output rows); 2**19 measured fastest of
+#: 2**16..2**22 on a 2-core AVX2 EPYC (bench/cpu_step.py --decode)
+DECODE_WEIGHTS = 1 << 19
 _WORDS = {4: torch.int16, 2: torch.int32, 1: torch.int64}  # a byte of width-w codes spreads into one such word
 
 
@@ -108,15 +108,17 @@ def unpack_u8(packed: torch.Tensor, bits: int, k_in: int) -> torch.Tensor:
 
 def _spread(packed: torch.Tensor, width: int) -> torch.Tensor:
     """uint8 codes of width 1, 2 or 4 (``8 // width`` per byte, lowest bits first) from bytes ``[n, B]``: each byte
-    is widened to one word of ``8 // width`` bytes and shifted so code ``j`` lands in byte ``j`` (little-endian)."""
+    is widened to one word of ``8 // width`` bytes and its codes moved apart by halves (upper half of the codes
+    shifted to the upper half of the word, then each quarter, …), so code ``j`` lands in byte ``j`` (little-endian);
+    log2(codes per byte) shift/or/mask steps instead of one pass per code."""
     per = 8 // width
     v = packed.to(_WORDS[width])
-    acc = v.clone()
-    for j in range(1, per):
-        acc |= v << (j * (8 - width))
-    mask = sum(((1 << width) - 1) << (8 * j) for j in range(per))
-    acc &= mask - (1 << 64) if mask >= 1 << 63 else mask  # int64 masks as signed
-    return acc.view(torch.uint8).reshape(packed.shape[0], packed.shape[1] * per)
+    half = per // 2
+    while half:
+        v |= v << (half * (8 - width))
+        v &= sum(((1 << (half * width)) - 1) << s for s in range(0, 8 * per, 8 * half))
+        half //= 2
+    return v.view(torch.uint8).reshape(packed.shape[0], packed.shape[1] * per)
 
 
 def unpack_fast(packed: torch.Tensor, bits: int, k_in: int) -> torch.Tensor:
