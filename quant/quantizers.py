@@ -232,7 +232,7 @@ def _uaq_setup(w: torch.Tensor, qmax: int, alphas: tuple[float, ...]):
 
 
 def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
-    """UAQ with clip search on rows of ``w`` (fp32 ``[R, K]``) → ``(codes int32 [R,K], lut fp32 [R,2^b])``.
+    """UAQ with clip search on rows of ``w`` (fp32 ``[R, K]``) → ``(codes uint8 [R,K], lut fp32 [R,2^b])``.
 
     The same choice as :func:`uaq_codes_reference` (the released per-row loop, vectorized), computed on blocks of
     rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`)."""
@@ -269,8 +269,9 @@ def uaq_codes_reference(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = 
 
 def _uaq_table(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor,
                qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and table of rows ``w`` for their chosen step and zero point (constant rows: exact table, code 0)."""
-    codes = torch.clamp(torch.round(w / delta[:, None]) + zero[:, None], 0, qmax).to(torch.int32)
+    """Codes (uint8) and table of rows ``w`` for their chosen step and zero point (constant rows: exact table,
+    code 0). The code ops run in place on one fp32 temporary (the same values as out of place)."""
+    codes = torch.div(w, delta[:, None]).round_().add_(zero[:, None]).clamp_(0, qmax).to(torch.uint8)
     levels = torch.arange(qmax + 1, device=w.device, dtype=w.dtype)
     lut = (levels[None, :] - zero[:, None]) * delta[:, None]
     const = wmax == wmin
