@@ -239,8 +239,10 @@ def main() -> None:
         a.layers = a.toy = a.pixart = True
     clock = DecodeClock().install()
     lines: list[str] = []
-    for wanted, part in ((a.layers, lambda: layer_table(a.reps)), (a.toy, lambda: toy(a.reps, clock, tuple(a.tokens), not a.no_oracle)),
-                         (a.pixart, lambda: pixart(a.reps, clock, a.depth))):
+    parts = ((a.layers, lambda: layer_table(a.reps)),
+             (a.toy, lambda: toy(a.reps, clock, tuple(a.tokens), not a.no_oracle)),
+             (a.pixart, lambda: pixart(a.reps, clock, a.depth)))
+    for wanted, part in parts:
         if wanted:
             lines += part() + [""]
             print("\n".join(lines), flush=True)
