@@ -2,7 +2,7 @@
 dtype and every table kind (layer, channel, group) — the fallback of the kernel registry and its oracle.
 
 :func:`dequantize` is the oracle (unpack → int64 → ``torch.gather``). :func:`dequantize_fast` gives bit-identical
-weights 3-4× faster on CPU and is what :func:`linear` uses: codes are unpacked by wide-word shifts (several codes
+weights 2-4× faster on CPU and is what :func:`linear` uses: codes are unpacked by wide-word shifts (several codes
 per int16/32/64 word, no per-code broadcast), the table is flattened and read by ``index_select`` with int32
 indices (``code + row·levels``, no int64 intermediates), in row blocks of ``DECODE_WEIGHTS`` weights that reuse
 one index buffer and write straight into the output. Nothing dense is kept between calls.
@@ -23,8 +23,9 @@ NAME = "reference"
 
 #: default upper bound on the number of weights dequantized at once by :func:`lut_linear`
 CHUNK_WEIGHTS = 1 << 24
-#: weights decoded per block by :func:`dequantize_fast` (int32 indices + output rows); 2**19 measured fastest of
-#: 2**16..2**22 on a 2-core AVX2 EPYC (bench/cpu_step.py --decode)
+#: weights decoded per block on CPU by :func:`dequantize_fast` (int32 indices + output rows stay in cache); 2**19
+#: was the fastest of 2**16..2**22 in a sweep on a 2-core AVX2 EPYC (uaq-4 and kmeans_c-3, 4608×1152 and 1152×4608).
+#: Other devices decode a call in one block.
 DECODE_WEIGHTS = 1 << 19
 _WORDS = {4: torch.int16, 2: torch.int32, 1: torch.int64}  # a byte of width-w codes spreads into one such word
 
@@ -156,7 +157,7 @@ def dequantize_fast(w: PackedWeight, dtype: torch.dtype | None = None, rows: sli
     if kind == "group":
         col_base = torch.arange(k_in, dtype=index_dtype, device=w.device).div_(lay.group_size, rounding_mode="floor")
         col_base *= levels
-    block = max(1, DECODE_WEIGHTS // k_in)
+    block = max(1, DECODE_WEIGHTS // k_in) if w.device.type == "cpu" else n
     row_base = torch.arange(r0, r1, dtype=index_dtype, device=w.device).mul_(row_stride).unsqueeze(1)
     codes = w.codes
     index = torch.empty(min(block, n), k_in, dtype=index_dtype, device=w.device)
