@@ -2,6 +2,8 @@
 
 Run: ``python bench/e2e.py [--device cuda] [--width 1152 --depth 4 --tokens 1024]``
 Memory is the model's bytes (parameters + buffers); on CUDA also the peak allocated during the step.
+On CPU, ``bench/cpu_step.py`` times this model (and full-size PixArt-Σ through ComfyUI) dense vs quantized side by
+side, round-robin, with the decode's share of the step.
 """
 
 from __future__ import annotations

@@ -232,23 +232,30 @@ def _uaq_setup(w: torch.Tensor, qmax: int, alphas: tuple[float, ...]):
 
 
 def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
-    """UAQ with clip search on rows of ``w`` (fp32 ``[R, K]``) → ``(codes int32 [R,K], lut fp32 [R,2^b])``.
+    """UAQ with clip search on rows of ``w`` (fp32 ``[R, K]``) → ``(codes uint8 [R,K], lut fp32 [R,2^b])``.
 
     The same choice as :func:`uaq_codes_reference` (the released per-row loop, vectorized), computed on blocks of
-    rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`)."""
+    rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`). Everything
+    is row-local, so each block also does its own setup and codes while in cache, on its row thread (no
+    whole-tensor pass in torch's parallel regions, which stall on shared cores)."""
     qmax = (1 << bits) - 1
-    wmax, wmin, scale, delta, zero = _uaq_setup(w, qmax, alphas)
     step = max(1, _UAQ_BLOCK_ELEMS // w.shape[1]) if w.device.type == "cpu" else w.shape[0]
 
-    def rows_of(part: slice) -> torch.Tensor:
+    def block(b: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        wb = w[b]
+        wmax, wmin, scale, delta, zero = _uaq_setup(wb, qmax, alphas)
+        choice = _uaq_block(wb, delta, zero, scale, qmax)
+        rows = torch.arange(wb.shape[0], device=w.device)
+        return _uaq_table(wb, wmax, wmin, delta[choice, rows], zero[choice, rows], qmax)
+
+    def rows_of(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         # returned, not written into a shared tensor: ComfyUI runs nodes under inference mode, which the row
         # threads do not inherit, and a tensor made under it cannot be written outside it
-        blocks = [slice(i, min(i + step, part.stop)) for i in range(part.start, part.stop, step)]
-        return torch.cat([_uaq_block(w[b], delta[:, b], zero[:, b], scale[b], qmax) for b in blocks])
+        out = [block(slice(i, min(i + step, part.stop))) for i in range(part.start, part.stop, step)]
+        return torch.cat([c for c, _ in out]), torch.cat([t for _, t in out])
 
-    choice = torch.cat(_map_row_blocks(rows_of, w.shape[0], w.numel(), w.device))
-    rows = torch.arange(w.shape[0], device=w.device)
-    return _uaq_table(w, wmax, wmin, delta[choice, rows], zero[choice, rows], qmax)
+    parts = _map_row_blocks(rows_of, w.shape[0], w.numel(), w.device)
+    return torch.cat([c for c, _ in parts]), torch.cat([t for _, t in parts])
 
 
 def uaq_codes_reference(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
@@ -269,8 +276,9 @@ def uaq_codes_reference(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = 
 
 def _uaq_table(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor,
                qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and table of rows ``w`` for their chosen step and zero point (constant rows: exact table, code 0)."""
-    codes = torch.clamp(torch.round(w / delta[:, None]) + zero[:, None], 0, qmax).to(torch.int32)
+    """Codes (uint8) and table of rows ``w`` for their chosen step and zero point (constant rows: exact table,
+    code 0). The code ops run in place on one fp32 temporary (the same values as out of place)."""
+    codes = torch.div(w, delta[:, None]).round_().add_(zero[:, None]).clamp_(0, qmax).to(torch.uint8)
     levels = torch.arange(qmax + 1, device=w.device, dtype=w.dtype)
     lut = (levels[None, :] - zero[:, None]) * delta[:, None]
     const = wmax == wmin

@@ -124,6 +124,60 @@ def test_reference_dequantize_rows_property(n, k, bits, kind, group_size, bounds
     assert torch.equal(got, full[rows])
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_fast_matches_unpack_u8(bits):
+    for k in (1, 5, 7, 8, 13, 64, 100, 1001):
+        codes = torch.randint(0, 1 << bits, (6, k))
+        packed = pack_codes(codes, bits)
+        got = ref.unpack_fast(packed, bits, k)
+        assert got.dtype == torch.uint8 and torch.equal(got, ref.unpack_u8(packed, bits, k))
+        assert torch.equal(ref.unpack_fast(packed[2:5], bits, k), ref.unpack_u8(packed[2:5], bits, k))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["layer", "channel", "group"])
+@pytest.mark.parametrize("lut_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 13, 71, 100])
+def test_dequantize_fast_bit_identical(bits, kind, lut_dtype, k, monkeypatch):
+    """The CPU fast decode equals the gather oracle bit for bit: every table kind, width, table dtype, odd K,
+    output dtypes, row slices, several decode blocks (block smaller than the rows) and a reused ``out``."""
+    n = 11
+    _, packed, lut = make_weight(n, k, bits, kind, lut_dtype=lut_dtype, seed=7 * k + bits, group_size=8)
+    weight = pw(packed, lut, bits, n, k, kind, group_size=8)
+    for block in (1 << 20, 2 * k, 1):
+        monkeypatch.setattr(ref, "DECODE_WEIGHTS", block)
+        for dtype in (None, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for rows in (None, slice(3, 10), slice(5, 5), slice(-2, None)):
+                want = ref.dequantize(weight, dtype, rows)
+                got = ref.dequantize_fast(weight, dtype, rows)
+                assert got.dtype == want.dtype and torch.equal(got, want), (block, dtype, rows)
+        out = torch.full((7, k), float("nan"), dtype=torch.float32)
+        assert ref.dequantize_fast(weight, torch.float32, slice(3, 10), out=out) is out
+        assert torch.equal(out, ref.dequantize(weight, torch.float32, slice(3, 10)))
+
+
+def test_dequantize_fast_rejects_bad_out():
+    _, packed, lut = make_weight(4, 10, 4, "channel")
+    weight = pw(packed, lut, 4, 4, 10, "channel")
+    for bad in (torch.empty(4, 9), torch.empty(4, 10, dtype=torch.float16), torch.empty(10, 4).T):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            ref.dequantize_fast(weight, torch.float32, out=bad)
+
+
+@pytest.mark.parametrize("kind", ["layer", "channel", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_linear_chunks_match_dense(kind, dtype):
+    """Chunked linear (one reused decode buffer) equals F.linear on the oracle's dense weight, chunk by chunk."""
+    n, k, bits = 37, 50, 3
+    _, packed, lut = make_weight(n, k, bits, kind, lut_dtype=dtype, seed=11)
+    weight = pw(packed, lut, bits, n, k, kind)
+    x, bias = torch.randn(5, k).to(dtype), torch.randn(n).to(dtype)
+    dense = ref.dequantize(weight, torch.float32)
+    want = torch.cat([torch.nn.functional.linear(x.float(), dense[r:r + 8], bias.float()[r:r + 8])
+                      for r in range(0, n, 8)], dim=1).to(dtype)
+    assert torch.equal(ref.linear(x, weight, bias, chunk_rows=8), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("kind", ["layer", "channel", "group"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -156,7 +210,7 @@ def test_reference_default_chunk_bounds_weights(monkeypatch):
     weight = pw(packed, lut, bits, n, k, "layer")
     expected = ref.linear(x, weight)
     calls = []
-    real = ref.dequantize
+    real = ref.dequantize_fast  # what ref.linear decodes with (bit-identical to ref.dequantize, tested above)
 
     def spy(*args, **kw):
         w = real(*args, **kw)
@@ -164,7 +218,7 @@ def test_reference_default_chunk_bounds_weights(monkeypatch):
         return w
 
     monkeypatch.setattr(ref, "CHUNK_WEIGHTS", 10 * k)
-    monkeypatch.setattr(ref, "dequantize", spy)
+    monkeypatch.setattr(ref, "dequantize_fast", spy)
     got = ref.linear(x, weight)
     assert calls == [10 * k] * 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,24 @@ def test_linear_matches_dequantized_weight(method, bits):
     assert q.weight.numel() * q.weight.element_size() == lay.nbytes == lay.lut_offset + lay.lut_rows * 2**bits * 4
 
 
+@pytest.mark.parametrize("option", ["uaq-4", "uaq-3", "kmeans_c-4", "kmeans_c-3", "kmeans_a-2", "uaq-8", "uaq-4/g16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_forward_is_bit_identical_to_the_gather_oracle(option, dtype):
+    """The CPU forward (fast decode) gives exactly F.linear on the weight the gather oracle decodes (same math)."""
+    from qua2sedimo.quant.kernels import reference as ref
+
+    spec, _, group = option.partition("/g")
+    method, bits = spec.split("-")
+    lin = nn.Linear(48, 37).to(dtype)
+    q = QuantLinear.from_linear(lin, method, int(bits), group_size=int(group) if group else None)
+    x = torch.randn(2, 5, 48).to(dtype)
+    cdt = ref.compute_dtype(x)
+    dense = ref.dequantize(q.weight, cdt)
+    want = F.linear(x.to(cdt), dense, lin.bias.to(cdt)).to(dtype)
+    assert torch.equal(q(x), want)
+    assert torch.equal(q.weight.dequantize(torch.float32), ref.dequantize(q.weight, torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_half_precision(dtype):
     lin = nn.Linear(64, 32).to(dtype)

@@ -333,6 +333,23 @@ def test_uaq_pruned_clip_search_picks_what_scoring_every_candidate_picks(kind, b
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
+@pytest.mark.parametrize("kind", ["gauss-outliers", "few-values", "mixed"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_uaq_codes_are_uint8_and_the_released_rounding(kind, bits):
+    """The codes come straight out as uint8 (no int32 copy to pack) with the released code's values
+    ``clamp(round(w / Δ) + z, 0, qmax)`` for every clip candidate's step and zero point."""
+    w = _uaq_rows(kind, 40, 129, seed=bits).float()
+    assert quantizers.uaq_codes(w, bits)[0].dtype == torch.uint8
+    qmax = (1 << bits) - 1
+    wmax, wmin, _, delta, zero = quantizers._uaq_setup(w, qmax, quantizers.UAQ_ALPHAS)
+    varied = wmax > wmin
+    for a in range(delta.shape[0]):
+        codes, _ = quantizers._uaq_table(w, wmax, wmin, delta[a], zero[a], qmax)
+        want = torch.clamp(torch.round(w / delta[a][:, None]) + zero[a][:, None], 0, qmax).to(torch.int32)
+        assert codes.dtype == torch.uint8 and torch.equal(codes[varied].int(), want[varied])
+        assert not codes[~varied].any()
+
+
 @pytest.mark.parametrize("kind", ["gauss-outliers", "heavy-tails", "uniform", "few-values", "mixed"])
 def test_uaq_score_bounds_never_exceed_the_scores(kind):
     w = _uaq_rows(kind, 64, 130, seed=7).float()
