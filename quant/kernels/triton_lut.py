@@ -115,8 +115,8 @@ def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
 
 
 @triton.jit
-def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
-             AFFINE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr, AFFINE: tl.constexpr,
+             MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
     affine: ``d`` = delta, ``t`` = T[0], ``one`` the exponent bits), inputs ``k0 .. k0 + BK``, from 32-bit code
     words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words past the row read as code 0 (the
@@ -124,12 +124,18 @@ def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS:
     row = q_ptr + rn[:, None] * stride_qw
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     kw = k0 // PER + tl.arange(0, BK // PER)
-    wmask = n_mask[:, None] & (kw < (K + PER - 1) // PER)[None, :]
-    wd = tl.load(row + kw[None, :], mask=wmask, other=0)
+    if MASKED:
+        wmask = (kw < (K + PER - 1) // PER)[None, :]
+        wd = tl.load(row + kw[None, :], mask=wmask, other=0)
+    else:
+        wd = tl.load(row + kw[None, :])
     if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
     if BITS == 3:  # the 16 hi bits of lo word kw: half kw % 2 of hi word kw // 2
-        hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
+        if MASKED:
+            hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
+        else:
+            hi = tl.load(row + hi_off_w + (kw // 2)[None, :])
         h = hi >> ((kw % 2) * 16)[None, :]
     else:
         h = wd
@@ -191,6 +197,24 @@ def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
 
 
 @triton.jit
+def _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
+          AFFINE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+          BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """One K-step of the fused GEMM: ``acc += W[rq, k0:k0+BK] · x^T`` (``MASKED``: inputs past ``K`` read as 0)."""
+    rk = k0 + tl.arange(0, BK)
+    if MASKED:
+        xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None], other=0.0)
+    else:
+        xt = tl.load(x_cols + rk[:, None])
+    w = _weights(q_ptr, rq, lut_rows[:, None], d, t, one, stride_qw, hi_off_w, k0, K, BITS, AFFINE, MASKED, BN, BK)
+    if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
+        acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
+    else:
+        acc = tl.dot(w.to(xt.dtype), xt, acc)
+    return acc
+
+
+@triton.jit
 def _lut_gemm_kernel(
     x_ptr, q_ptr, lut_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split, one_bits,
@@ -212,21 +236,20 @@ def _lut_gemm_kernel(
         d, t = d[:, None], t[:, None]
     else:
         d, t = 0.0, 0.0
-    x_cols = x_ptr + rm[None, :] * stride_xm
+    x_cols = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # tokens past M: clamped, never stored
+    rq = tl.minimum(rn, N - 1)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + (k_hi - k_lo) // BK * BK
     # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
     # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        rk = k0 + tl.arange(0, BK)
-        xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None] & m_mask[None, :], other=0.0)
-        w = _weights(q_ptr, rn, n_mask, lut_rows[:, None], d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
-                     BN, BK)
-        if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
-            acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
-        else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
+        acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                    UPCAST, False, BN, BK)
+    if k_full < k_hi:  # the last split's partial block
+        acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS, AFFINE,
+                    UPCAST, True, BN, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask & (rn * 0 + pid_s == 0), other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
@@ -247,7 +270,8 @@ def _lut_dequant_kernel(
     mask = n_mask[:, None] & (rk < K)[None, :]
     lut_rows = lut_ptr + tl.minimum(rn, N - 1)[:, None] * stride_lut
     if WORDS:
-        w = _weights(q_ptr, rn, n_mask, lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False, BN, BK)
+        w = _weights(q_ptr, tl.minimum(rn, N - 1), lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False,
+                     True, BN, BK)
     else:
         w = tl.load(lut_rows + _codes_bytes(q_ptr, rn, rk, mask, stride_q, hi_off, BITS))
     out = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
