@@ -115,6 +115,25 @@ def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
 
 
 @triton.jit
+def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr):
+    """The eight ``NB``-bit codes at bits ``4i`` of each word ``src`` (``[..., 2, 2, 2]``, flattening in code order).
+    Affine: nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift (mantissa bits 8, 12, 16: one
+    LOP3 + one FMA each); table: one shift + mask and one gather each."""
+    if AFFINE:
+        sl = src << 8
+        sr = src >> 12
+        w = _j8(_aq(sl, 8, NB, d, t, one), _aq(sl, 12, NB, d, t, one), _aq(src, 8, NB, d, t, one),
+                _aq(src, 12, NB, d, t, one), _aq(src, 16, NB, d, t, one), _aq(sr, 8, NB, d, t, one),
+                _aq(sr, 12, NB, d, t, one), _aq(sr, 16, NB, d, t, one))
+    else:
+        M: tl.constexpr = (1 << NB) - 1
+        w = _j8(tl.load(lr + (src & M)), tl.load(lr + ((src >> 4) & M)), tl.load(lr + ((src >> 8) & M)),
+                tl.load(lr + ((src >> 12) & M)), tl.load(lr + ((src >> 16) & M)), tl.load(lr + ((src >> 20) & M)),
+                tl.load(lr + ((src >> 24) & M)), tl.load(lr + ((src >> 28) & M)))
+    return w
+
+
+@triton.jit
 def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr, AFFINE: tl.constexpr,
              MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
@@ -129,34 +148,35 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         wd = tl.load(row + kw[None, :], mask=wmask, other=0)
     else:
         wd = tl.load(row + kw[None, :])
-    if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
+    if AFFINE and BITS == 2:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
-    if BITS == 3:  # the 16 hi bits of lo word kw: half kw % 2 of hi word kw // 2
+    if BITS == 3:
+        # the 16 hi bits of lo word kw (half kw % 2 of hi word kw // 2), spread to every other bit: hi bit j at 2j
         if MASKED:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
         else:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :])
-        h = hi >> ((kw % 2) * 16)[None, :]
-    else:
-        h = wd
-    if AFFINE and BITS == 4:  # nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift
-        wl = wd << 8
-        wr = wd >> 12
-        w = _j8(_aq(wl, 8, 4, d, t, one), _aq(wl, 12, 4, d, t, one), _aq(wd, 8, 4, d, t, one),
-                _aq(wd, 12, 4, d, t, one), _aq(wd, 16, 4, d, t, one), _aq(wr, 8, 4, d, t, one),
-                _aq(wr, 12, 4, d, t, one), _aq(wr, 16, 4, d, t, one))
+        s = (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF
+        s = (s | (s << 8)) & 0x00FF00FF
+        s = (s | (s << 4)) & 0x0F0F0F0F
+        s = (s | (s << 2)) & 0x33333333
+        s = (s | (s << 1)) & 0x55555555
+        # even codes j = 2i as 3-bit nibbles i of ev (lo bits 2j, 2j+1 in place, hi bit moved to 2j + 2), odd ones
+        # of od: two words of eight codes, decoded as 4-bit words are
+        ev = (wd & 0x33333333) | ((s << 2) & 0x44444444)
+        od = ((wd >> 2) & 0x33333333) | (s & 0x44444444)
+        w = tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE), _nib8(od, lr, d, t, one, 3, AFFINE))
+    elif BITS == 4:
+        w = _nib8(wd, lr, d, t, one, 4, AFFINE)
     elif AFFINE and BITS == 8:
         w = _j4(_aq(wd << 8, 8, 8, d, t, one), _aq(wd, 8, 8, d, t, one), _aq(wd >> 8, 8, 8, d, t, one),
                 _aq(wd >> 16, 8, 8, d, t, one))
     elif PER == 4:
+        h = wd
         w = _j4(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
                 _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE))
-    elif PER == 8:
-        w = _j8(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE))
-    else:
+    else:  # 2 bits
+        h = wd
         w = _j16(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
                  _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
                  _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
