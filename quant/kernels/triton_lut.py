@@ -134,6 +134,21 @@ def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr):
 
 
 @triton.jit
+def _nib16(wd, s, lr, d, t, one, AFFINE: tl.constexpr):
+    """The sixteen 3-bit codes of lo-plane words ``wd`` with their hi bits ``s`` (bit j: code j) as ``[..., 2, 2, 2,
+    2]`` (flattening in code order). Three shift+mask stages move hi bit j to bit ``4 * (j // 2) + j % 2``; even codes
+    j = 2i become nibble i of ``ev`` (lo bits 4i, 4i+1 of the lo word in place, hi bit to 4i+2), odd codes nibble i
+    of ``od`` (lo bits shifted down by 2): one bit-select each (bit 4i+3 is left over from the lo word; every decode
+    masks it off), then both decode as 4-bit words do."""
+    s = (s | (s << 8)) & 0x00FF00FF
+    s = (s | (s << 4)) & 0x0F0F0F0F
+    s = (s | (s << 2)) & 0x33333333
+    ev = ((s << 2) & 0x44444444) | (wd & ~0x44444444)
+    od = ((s << 1) & 0x44444444) | ((wd >> 2) & ~0x44444444)
+    return tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE), _nib8(od, lr, d, t, one, 3, AFFINE))
+
+
+@triton.jit
 def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr, AFFINE: tl.constexpr,
              MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
@@ -150,22 +165,23 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         wd = tl.load(row + kw[None, :])
     if AFFINE and BITS == 2:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
-    if BITS == 3:
-        # the 16 hi bits of lo word kw (half kw % 2 of hi word kw // 2), spread to every other bit: hi bit j at 2j
+    if BITS == 3 and AFFINE:  # lo words 2p, 2p+1 share hi word p (its low and high 16 bits): one load, no shifts
+        if MASKED:
+            hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :],
+                         mask=(k0 // 32 + tl.arange(0, BK // 32) < (K + 31) // 32)[None, :], other=0)
+        else:
+            hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :])
+        lo_e, lo_o = tl.split(tl.reshape(wd, (BN, BK // 32, 2)))
+        w_e = _nib16(lo_e, hi & 0xFFFF, lr, d, t, one, AFFINE)
+        w_o = _nib16(lo_o, (hi.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True), lr, d, t, one,
+                     AFFINE)
+        w = tl.permute(tl.join(w_e, w_o), (0, 1, 6, 2, 3, 4, 5))
+    elif BITS == 3:  # table: per lo word (the join above costs Triton 3.6 a shared-memory round trip with gathers)
         if MASKED:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
         else:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :])
-        s = (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF
-        s = (s | (s << 8)) & 0x00FF00FF
-        s = (s | (s << 4)) & 0x0F0F0F0F
-        s = (s | (s << 2)) & 0x33333333
-        s = (s | (s << 1)) & 0x55555555
-        # even codes j = 2i as 3-bit nibbles i of ev (lo bits 2j, 2j+1 in place, hi bit moved to 2j + 2), odd ones
-        # of od: two words of eight codes, decoded as 4-bit words are
-        ev = (wd & 0x33333333) | ((s << 2) & 0x44444444)
-        od = ((wd >> 2) & 0x33333333) | (s & 0x44444444)
-        w = tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE), _nib8(od, lr, d, t, one, 3, AFFINE))
+        w = _nib16(wd, (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF, lr, d, t, one, AFFINE)
     elif BITS == 4:
         w = _nib8(wd, lr, d, t, one, 4, AFFINE)
     elif AFFINE and BITS == 8:
@@ -321,13 +337,20 @@ class FusedConfig:
 
 
 #: (BN, BK) tried in order: the first whose grid reaches two waves wins (small layers need the smaller tiles);
-#: 16-token tiles decode twice as many weights per K-step (the loop's fixed cost spread thinner)
+#: 16-token tiles decode twice as many weights per K-step (the loop's fixed cost spread thinner); affine (UAQ)
+#: decodes take 128 x 128 there (fewer SASS instructions per weight on both Triton versions; table decodes spill
+#: with it under Triton 3.6)
 TILES = ((64, 128), (32, 64), (32, 32))
 TILES_M16 = ((64, 256), (32, 64), (32, 32))
+TILES_M16_AFFINE = ((128, 128), (32, 64), (32, 32))
 
 
-def tiles_for(bm: int) -> tuple[tuple[int, int], ...]:
-    return TILES_M16 if bm == 16 else TILES
+def tiles_for(bm: int, affine: bool = False) -> tuple[tuple[int, int], ...]:
+    if bm == 16:
+        return TILES_M16_AFFINE if affine else TILES_M16
+    return TILES
+
+
 WAVES = 2
 
 
@@ -340,12 +363,13 @@ def token_tile(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> FusedConfig:
-    """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight: the first of :data:`TILES` whose
+def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS, affine: bool = False) -> FusedConfig:
+    """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight (``affine``: a UAQ decode): the first of
+    :func:`tiles_for` whose
     ``N-tiles × M-tiles × K-blocks`` reach ``WAVES × sms`` programs, K split just enough for that (every split the same
     whole number of K-blocks, the last one fewer); else the smallest tiles, K split completely."""
     bm = token_tile(m)
-    tiles_list = tiles_for(bm)
+    tiles_list = tiles_for(bm, affine)
     for i, (bn, bk) in enumerate(tiles_list):
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
         blocks = triton.cdiv(k, bk)
@@ -459,7 +483,7 @@ def fused_into(
     if m == 0 or n == 0:
         return out
     x2, lut = _row_major(x2), _row_major(lut)
-    cfg = config or plan(m, n, k_in, device_sms(x2.device))
+    cfg = config or plan(m, n, k_in, device_sms(x2.device), affine)
     k_per_split = triton.cdiv(triton.cdiv(k_in, cfg.bk), cfg.split_k) * cfg.bk
     split = triton.cdiv(k_in, k_per_split)
     bias = None if bias is None else bias.contiguous()
@@ -564,9 +588,9 @@ def fused_variants() -> list[tuple[FusedConfig, int, bool, torch.dtype]]:
     arguments)."""
     out = []
     for bm in (16, 32, 64):
-        for bn, bk in tiles_for(bm):
-            for bits in (2, 3, 4, 8):
-                for affine in (False, True):
+        for affine in (False, True):
+            for bn, bk in tiles_for(bm, affine):
+                for bits in (2, 3, 4, 8):
                     for dt in FUSED_DTYPES:
                         out.append((fused_config(bm, bn, bk), bits, affine, dt))
     return out
@@ -579,7 +603,7 @@ def compile_variants(quick: bool = False) -> list[CompileVariant]:
     n, k = 3072, 3072
     specs = fused_variants()
     if quick:
-        main = {(16, *TILES_M16[0]), (64, *TILES[0])}
+        main = {(16, *TILES_M16[0]), (16, *TILES_M16_AFFINE[0]), (64, *TILES[0])}
         specs = [s for s in specs if s[1] in (3, 4) and s[3] == torch.bfloat16
                  and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4)
                       or (s[0].bm == 64 and s[1] == 3 and s[2]))]
