@@ -5,24 +5,27 @@ Weights use the packed layout of :mod:`..packing` (codes along K inside each out
 0). Group-wise tables are reference-only.
 
 **Fused GEMM** (:func:`fused_into`, fp16/bf16 activations, ``M <= FUSED_MAX_M`` tokens): ``out^T = W · x^T`` — the
-decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (masked loads, no
-padded copy). Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and decoded with shifts and
-masks; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
-gather or an int→float conversion: the code bits, where they lie in the word (4/8 bits) or moved to the top of the
-mantissa, are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``,
-``D = delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the
-table's dtype from the stored table). K is split over ``split_k`` programs (fp32 partials,
-summed in order: deterministic) so that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
+decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (no padded copy:
+rows and tokens past the edge are clamped and never stored). Whole K-blocks run without masks; the last split's partial
+block runs once after the loop. Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and
+decoded with shifts and masks; 3-bit words are first rearranged into two words of 3-bit nibbles (even and odd codes,
+the hi plane's bits spread in three shift+mask stages) and then decode as 4-bit words do; table offsets are int32.
+UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a gather or an int→float
+conversion: the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the mantissa (2 bits), are
+ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D = delta * 2**(23-q)``,
+``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's dtype from the stored
+table). K is split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so that the grid covers
+at least two waves of the GPU's SMs (:func:`plan`).
 
 **Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
 aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
 the output (no copy). Rows whose packed length is not a multiple of 4 bytes also take this path.
 
 Threshold (no GPU measured yet: a roofline estimate for an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``.
-The fused kernel decodes every weight once per 64-token tile (5-10 SASS instructions per weight, measured by
-``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read of the bf16
-weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps a margin
-until ``bench/gpu_check.py`` measures it.
+The fused kernel decodes every weight once per 64-token tile (4.5-9 SASS instructions per weight on the main
+tiles, measured by ``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read
+of the bf16 weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps
+a margin until ``bench/gpu_check.py`` measures it.
 
 ``TRITON_INTERPRET=1`` must be set *before* this module is imported to run on CPU tensors (tests: bf16 tiles are
 upcast to fp32 before ``tl.dot``). ``QUA2SEDIMO_FUSED_MAX_M`` overrides the threshold.
@@ -67,24 +70,17 @@ def _shift(v, s: tl.constexpr):
 
 @triton.jit
 def _dec(words, hi16, lut_rows, d, t, t_one, j: tl.constexpr, BITS: tl.constexpr, AFFINE: tl.constexpr):
-    """Weight of code ``j`` of each word (3-bit: of the lo word / the aligned 16 hi bits ``hi16``).
+    """Weight of code ``j`` of each word (2 and 8 bits; 3 and 4 bits: :func:`_nib8`).
 
     Affine: the code goes to the top of an fp32 mantissa whose exponent bits ``t_one`` (``0x3F800000``, a runtime
     value so that it stays in a register) make ``1 + c / 2**BITS``, then one FMA with ``d = 2**BITS * delta``,
     ``t = t0 - d`` (no int→float conversion). Table: one gather at an int32 offset."""
-    if BITS == 3:
-        if AFFINE:
-            bits = ((_shift(words, 20 - 2 * j) & (3 << 20)) | (_shift(hi16, 22 - j) & (1 << 22))) | t_one
-            w = bits.to(tl.float32, bitcast=True) * d + t
-        else:
-            w = tl.load(lut_rows + (((words >> (2 * j)) & 3) | (_shift(hi16, 2 - j) & 4)))
+    if AFFINE:
+        top: tl.constexpr = 23 - BITS
+        bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
+        w = bits.to(tl.float32, bitcast=True) * d + t
     else:
-        if AFFINE:
-            top: tl.constexpr = 23 - BITS
-            bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
-            w = bits.to(tl.float32, bitcast=True) * d + t
-        else:
-            w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
+        w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
     return w
 
 
@@ -165,7 +161,8 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         wd = tl.load(row + kw[None, :])
     if AFFINE and BITS == 2:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
-    if BITS == 3 and AFFINE:  # lo words 2p, 2p+1 share hi word p (its low and high 16 bits): one load, no shifts
+    if BITS == 3 and AFFINE and BK >= 128:
+        # lo words 2p, 2p+1 share hi word p (its low and high 16 bits): one load, no shifts
         if MASKED:
             hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :],
                          mask=(k0 // 32 + tl.arange(0, BK // 32) < (K + 31) // 32)[None, :], other=0)
@@ -176,7 +173,8 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         w_o = _nib16(lo_o, (hi.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True), lr, d, t, one,
                      AFFINE)
         w = tl.permute(tl.join(w_e, w_o), (0, 1, 6, 2, 3, 4, 5))
-    elif BITS == 3:  # table: per lo word (the join above costs Triton 3.6 a shared-memory round trip with gathers)
+    elif BITS == 3:
+        # per lo word: tables (the join above costs them a shared-memory round trip under Triton 3.6) and small tiles
         if MASKED:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
         else:
