@@ -565,12 +565,19 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
 
 @dataclass(frozen=True)
 class CompileVariant:
-    """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``)."""
+    """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``);
+    ``max_per_weight``: the static SASS instructions per weight its main loop may cost on sm_90 (issue 15's targets,
+    set for the UAQ decode on the 16-token main tile), else None."""
 
     name: str
     launch: Callable[[], object]
     weights_per_iter: int
     gemm: bool
+    max_per_weight: float | None = None
+
+
+#: static SASS instructions per weight (sm_90) of the 16-token main tile's UAQ decode, by bit width
+PER_WEIGHT_TARGETS = {3: 6.0, 4: 5.0}
 
 
 #: the layer shapes (N, K) the plan is checked on: PixArt-Σ, SDXL, Flux
@@ -613,7 +620,9 @@ def compile_variants(quick: bool = False) -> list[CompileVariant]:
             lut = torch.empty(n, 1 << bits, dtype=dt)
             fused_into(x, codes, lut, bits, k, None, torch.empty(cfg.bm, n, dtype=dt), config=cfg, affine=affine)
         name = f"fused {cfg.bm}x{cfg.bn}x{cfg.bk} {bits}b {'affine' if affine else 'table'} {str(dt)[6:]}"
-        out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True))
+        target = PER_WEIGHT_TARGETS.get(bits) if (affine and (cfg.bm, cfg.bn, cfg.bk) == (16, *TILES_M16_AFFINE[0])) \
+            else None
+        out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True, target))
     for bits in (3, 4) if quick else (2, 3, 4, 8):
         for words in (True,) if quick else (True, False):
             def dq(bits=bits, words=words):
