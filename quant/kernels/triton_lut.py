@@ -278,12 +278,17 @@ def _lut_gemm_kernel(
     # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
     # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
-    for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
-        acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
-                    UPCAST, False, BN, BK)
-    if k_full < k_hi:  # the last split's partial block
-        acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS, AFFINE,
-                    UPCAST, True, BN, BK)
+    if BITS == 3 or BITS == 4:
+        for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, False, BN, BK)
+        if k_full < k_hi:  # the last split's partial block
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS,
+                        AFFINE, UPCAST, True, BN, BK)
+    else:  # 2/8 bits: every block masked (peeling the last one makes ptxas spill a value across the loop there)
+        for k0 in range(k_lo, k_hi, BK):
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, True, BN, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask & (rn * 0 + pid_s == 0), other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
