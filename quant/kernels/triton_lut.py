@@ -6,16 +6,16 @@ Weights use the packed layout of :mod:`..packing` (codes along K inside each out
 
 **Fused GEMM** (:func:`fused_into`, fp16/bf16 activations, ``M <= FUSED_MAX_M`` tokens): ``out^T = W · x^T`` — the
 decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (no padded copy:
-rows and tokens past the edge are clamped and never stored). Whole K-blocks run without masks; the last split's partial
-block runs once after the loop. Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and
-decoded with shifts and masks; 3-bit words are first rearranged into two words of 3-bit nibbles (even and odd codes,
-the hi plane's bits spread in three shift+mask stages) and then decode as 4-bit words do; table offsets are int32.
-UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a gather or an int→float
-conversion: the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the mantissa (2 bits), are
-ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D = delta * 2**(23-q)``,
-``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's dtype from the stored
-table). K is split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so that the grid covers
-at least two waves of the GPU's SMs (:func:`plan`).
+rows and tokens past the edge are clamped and never stored). Whole K-blocks run without masks (2/8-bit affine decodes
+excepted); the last split's partial block runs once after the loop. Codes are read as 32-bit words (2/3/4/8 bits:
+16/32+16/8/4 codes per word) and decoded with shifts and masks; 3-bit words are first rearranged into two words of
+3-bit nibbles (even and odd codes, the hi plane's bits spread in three shift+mask stages) and then decode as 4-bit
+words do; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
+gather or an int→float conversion: the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the
+mantissa (2 bits), are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D =
+delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's
+dtype from the stored table). K is split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so
+that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
 
 **Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
 aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
@@ -278,14 +278,14 @@ def _lut_gemm_kernel(
     # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
     # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
-    if BITS == 3 or BITS == 4:
+    if BITS == 3 or BITS == 4 or not AFFINE:
         for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
             acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
                         UPCAST, False, BN, BK)
         if k_full < k_hi:  # the last split's partial block
             acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS,
                         AFFINE, UPCAST, True, BN, BK)
-    else:  # 2/8 bits: every block masked (peeling the last one makes ptxas spill a value across the loop there)
+    else:  # 2/8-bit affine: every block masked (peeling the last one makes ptxas 3.9 spill a value across the loop)
         for k0 in range(k_lo, k_hi, BK):
             acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
                         UPCAST, True, BN, BK)
