@@ -12,8 +12,10 @@ specialisation a launch computes: types, 16-byte divisibility, ``== 1`` integers
 * static SASS instructions in the main loop (the backward branch's body holding the MMA / the longest one) per weight a
   thread decodes in one iteration (``BLOCK_N × BLOCK_K / threads``: the SASS is what each thread issues).
 
-Fails (exit 1) on a compile error, a spill, or a GEMM without tensor-core MMA. ``--quick`` compiles the representative
-set CI runs; the default compiles every variant dispatch can launch. ``TRITON_INTERPRET`` must be unset.
+Fails (exit 1) on a compile error, a spill, a GEMM without tensor-core MMA, or a variant over its per-weight target
+on sm_90 (``CompileVariant.max_per_weight``: the UAQ decode on the 16-token main tile, ≤ 5 at 4 bits, ≤ 6 at 3).
+``--quick`` compiles the representative set CI runs; the default compiles every variant dispatch can launch.
+``TRITON_INTERPRET`` must be unset.
 
     python bench/kernel_compile.py --quick [--arch 90] [--out table.md]
 """
@@ -64,6 +66,7 @@ class Row:
     arch: int
     weights_per_iter: int
     gemm: bool
+    max_per_weight: float | None = None
     regs: int = 0
     stack: int = 0
     spill_insts: int = 0
@@ -86,6 +89,9 @@ class Row:
             out.append(f"spills ({self.spill_insts} STL/LDL, {self.stack} B stack)")
         if self.gemm and self.mma == "-":
             out.append("GEMM without tensor-core MMA")
+        if self.max_per_weight is not None and self.arch == 90 and not self.error and \
+                self.per_weight > self.max_per_weight:
+            out.append(f"{self.per_weight:.2f} SASS instructions per weight > target {self.max_per_weight}")
         return out
 
 
@@ -154,8 +160,9 @@ def main_loop(sass: str) -> list[str]:
     return max(with_mma or loops, key=len)
 
 
-def measure(cap: Capture, variant: str, arch: int, weights_per_iter: int, gemm: bool) -> Row:
-    row = Row(variant, arch, weights_per_iter, gemm)
+def measure(cap: Capture, variant: str, arch: int, weights_per_iter: int, gemm: bool,
+            max_per_weight: float | None = None) -> Row:
+    row = Row(variant, arch, weights_per_iter, gemm, max_per_weight)
     try:
         kernel = compile_capture(cap, arch)
     except Exception as exc:  # a compile error is a finding, reported per variant
@@ -178,11 +185,12 @@ def measure(cap: Capture, variant: str, arch: int, weights_per_iter: int, gemm: 
 def _measure_arch(job: tuple[bool, int]) -> list[Row]:
     """All variants for one architecture (a worker process: captures are rebuilt there, not pickled)."""
     quick, arch = job
-    return [measure(cap, name, arch, wpi, gemm) for name, cap, wpi, gemm in variants(quick)]
+    return [measure(cap, name, arch, wpi, gemm, target) for name, cap, wpi, gemm, target in variants(quick)]
 
 
-def variants(quick: bool) -> list[tuple[str, Capture, int, bool]]:
-    """``(name, capture, weights decoded per main-loop iteration, is a GEMM)`` of every launch to check."""
+def variants(quick: bool) -> list[tuple[str, Capture, int, bool, float | None]]:
+    """``(name, capture, weights decoded per main-loop iteration, is a GEMM, per-weight target on sm_90)`` of every
+    launch to check."""
     sys.path.insert(0, str(ROOT.parent))
     from qua2sedimo.quant.kernels import triton_lut as tri  # noqa: PLC0415
 
@@ -191,7 +199,7 @@ def variants(quick: bool) -> list[tuple[str, Capture, int, bool]]:
         with Recorder() as caps:
             spec.launch()
         for cap in caps:
-            out.append((spec.name, cap, spec.weights_per_iter, spec.gemm))
+            out.append((spec.name, cap, spec.weights_per_iter, spec.gemm, spec.max_per_weight))
     return out
 
 

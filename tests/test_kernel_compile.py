@@ -45,3 +45,21 @@ def test_kernels_compile_without_spills_with_mma():
         assert rc == 0 and "kernel_compile: ok" in out, f"{name}:\n{out[-6000:]}"
     if "triton 3.6" not in procs:
         pytest.skip(f"Triton 3.6 compile check skipped: no {PY36} (`make triton36` builds it)")
+
+
+def test_per_weight_target_fails_the_check(monkeypatch):
+    """A variant over its sm_90 per-weight target is a problem (the check exits 1); other architectures and variants
+    without a target are only reported."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("kernel_compile_under_test", SCRIPT)
+    kc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, kc)
+    spec.loader.exec_module(kc)
+
+    def row(arch, loop_insts, target):
+        return kc.Row("fused 16x128x128 4b affine", arch, 128 * 128, True, target, mma="wgmma", loop_insts=loop_insts,
+                      threads=128)
+
+    assert row(90, 640, 5.0).problems() == []  # 640 * 128 / 16384 = 5.0
+    assert "target 5.0" in " ".join(row(90, 641, 5.0).problems())
+    assert row(80, 800, 5.0).problems() == [] and row(90, 800, None).problems() == []

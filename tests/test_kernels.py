@@ -405,6 +405,31 @@ def test_triton_fused_tile_configs(config, affine):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("affine", [False, True])
+def test_triton_fused_decodes_every_code_position(bits, affine, dtype):
+    """The word-wise decode, weight by weight: one-hot tokens pick single input columns (every position of a code in
+    its 32-bit words: residues 0..31, both lo words of a 3-bit hi word) out of the main 16-token tile, whole K-blocks
+    and the partial last one, rows past the last tile's edge; table decodes give the table's entry exactly, affine
+    ones within about one unit in the last place of the largest entry."""
+    n, k = 130, 576  # 16-token tiles: 2-4 whole K-blocks, then a 64-wide partial one
+    codes, packed, lut = make_weight(n, k, bits, "channel", seed=bits, lut_dtype=dtype, device=DEV)
+    lut = affine_table(n, bits, dtype, seed=bits).to(DEV) if affine else lut
+    expected_w = lut.gather(1, codes.long()).to(dtype)  # [n, k]
+    for first in (0, 16, 512):
+        cols = torch.tensor([(first + r * 33) % k for r in range(16)])
+        x = torch.zeros(16, k, dtype=dtype)
+        x[torch.arange(16), cols] = 1
+        out = torch.empty(16, n, dtype=dtype, device=DEV)
+        cfg = tri.FusedConfig(16, *tri.tiles_for(16, affine)[0], split_k=2)  # split 2 ends with the partial block
+        tri.fused_into(x.to(DEV), packed, lut, bits, k, None, out, config=cfg, affine=affine)
+        want = expected_w[:, cols].t()
+        atol = 0.0 if not affine else 2 * torch.finfo(dtype).eps * float(lut.abs().max())
+        torch.testing.assert_close(out, want, rtol=0, atol=atol)
+
+
+@needs_triton
 def test_triton_split_k_matches_unsplit():
     m, n, k, bits = 5, 40, 320, 4
     _, packed, lut = make_weight(n, k, bits, "layer", seed=3, lut_dtype=torch.float16, device=DEV)
@@ -440,6 +465,20 @@ def test_plan_covers_two_waves(model, m):
         programs = -(-n // cfg.bn) * -(-m // cfg.bm) * cfg.split_k
         assert programs >= 2 * 132, (n, k, cfg, programs)
         assert cfg.bm == tri.token_tile(m)
+
+
+@needs_triton
+@pytest.mark.parametrize("model", ["pixart", "sdxl", "flux"])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_plan_covers_two_waves_affine(model, m):
+    """The UAQ (affine) decode's own 16-token tiles also give every layer shape >= 2 waves, no empty split."""
+    for n, k in tri.MODEL_SHAPES[model]:
+        cfg = tri.plan(m, n, k, sms=132, affine=True)
+        assert (cfg.bn, cfg.bk) in tri.tiles_for(cfg.bm, affine=True)
+        blocks = -(-k // cfg.bk)
+        per = -(-blocks // cfg.split_k)
+        assert -(-blocks // per) == cfg.split_k, cfg
+        assert -(-n // cfg.bn) * -(-m // cfg.bm) * cfg.split_k >= 2 * 132, (n, k, cfg)
 
 
 @needs_triton

@@ -5,24 +5,27 @@ Weights use the packed layout of :mod:`..packing` (codes along K inside each out
 0). Group-wise tables are reference-only.
 
 **Fused GEMM** (:func:`fused_into`, fp16/bf16 activations, ``M <= FUSED_MAX_M`` tokens): ``out^T = W · x^T`` — the
-decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (masked loads, no
-padded copy). Codes are read as 32-bit words (2/3/4/8 bits: 16/32+16/8/4 codes per word) and decoded with shifts and
-masks; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
-gather or an int→float conversion: the code bits, where they lie in the word (4/8 bits) or moved to the top of the
-mantissa, are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``,
-``D = delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the
-table's dtype from the stored table). K is split over ``split_k`` programs (fp32 partials,
-summed in order: deterministic) so that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
+decoded weight tile ``[BN, BK]`` is the MMA's wide operand, the ``BM >= 16`` tokens its narrow side (no padded copy:
+rows and tokens past the edge are clamped and never stored). Whole K-blocks run without masks (2/8-bit affine decodes
+excepted); the last split's partial block runs once after the loop. Codes are read as 32-bit words (2/3/4/8 bits:
+16/32+16/8/4 codes per word) and decoded with shifts and masks; 3-bit words are first rearranged into two words of
+3-bit nibbles (even and odd codes, the hi plane's bits spread in three shift+mask stages) and then decode as 4-bit
+words do; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
+gather or an int→float conversion: the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the
+mantissa (2 bits), are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D =
+delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's
+dtype from the stored table). K is split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so
+that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
 
 **Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
 aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
 the output (no copy). Rows whose packed length is not a multiple of 4 bytes also take this path.
 
 Threshold (no GPU measured yet: a roofline estimate for an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``.
-The fused kernel decodes every weight once per 64-token tile (5-10 SASS instructions per weight, measured by
-``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read of the bf16
-weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps a margin
-until ``bench/gpu_check.py`` measures it.
+The fused kernel decodes every weight once per 64-token tile (4.5-9 SASS instructions per weight on the main
+tiles, measured by ``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read
+of the bf16 weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps
+a margin until ``bench/gpu_check.py`` measures it.
 
 ``TRITON_INTERPRET=1`` must be set *before* this module is imported to run on CPU tensors (tests: bf16 tiles are
 upcast to fp32 before ``tl.dot``). ``QUA2SEDIMO_FUSED_MAX_M`` overrides the threshold.
@@ -67,24 +70,17 @@ def _shift(v, s: tl.constexpr):
 
 @triton.jit
 def _dec(words, hi16, lut_rows, d, t, t_one, j: tl.constexpr, BITS: tl.constexpr, AFFINE: tl.constexpr):
-    """Weight of code ``j`` of each word (3-bit: of the lo word / the aligned 16 hi bits ``hi16``).
+    """Weight of code ``j`` of each word (2 and 8 bits; 3 and 4 bits: :func:`_nib8`).
 
     Affine: the code goes to the top of an fp32 mantissa whose exponent bits ``t_one`` (``0x3F800000``, a runtime
     value so that it stays in a register) make ``1 + c / 2**BITS``, then one FMA with ``d = 2**BITS * delta``,
     ``t = t0 - d`` (no int→float conversion). Table: one gather at an int32 offset."""
-    if BITS == 3:
-        if AFFINE:
-            bits = ((_shift(words, 20 - 2 * j) & (3 << 20)) | (_shift(hi16, 22 - j) & (1 << 22))) | t_one
-            w = bits.to(tl.float32, bitcast=True) * d + t
-        else:
-            w = tl.load(lut_rows + (((words >> (2 * j)) & 3) | (_shift(hi16, 2 - j) & 4)))
+    if AFFINE:
+        top: tl.constexpr = 23 - BITS
+        bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
+        w = bits.to(tl.float32, bitcast=True) * d + t
     else:
-        if AFFINE:
-            top: tl.constexpr = 23 - BITS
-            bits = (_shift(words, top - j * BITS) & (((1 << BITS) - 1) << top)) | t_one
-            w = bits.to(tl.float32, bitcast=True) * d + t
-        else:
-            w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
+        w = tl.load(lut_rows + ((words >> (j * BITS)) & ((1 << BITS) - 1)))
     return w
 
 
@@ -115,8 +111,42 @@ def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
 
 
 @triton.jit
-def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
-             AFFINE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr):
+    """The eight ``NB``-bit codes at bits ``4i`` of each word ``src`` (``[..., 2, 2, 2]``, flattening in code order).
+    Affine: nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift (mantissa bits 8, 12, 16: one
+    LOP3 + one FMA each); table: one shift + mask and one gather each."""
+    if AFFINE:
+        sl = src << 8
+        sr = src >> 12
+        w = _j8(_aq(sl, 8, NB, d, t, one), _aq(sl, 12, NB, d, t, one), _aq(src, 8, NB, d, t, one),
+                _aq(src, 12, NB, d, t, one), _aq(src, 16, NB, d, t, one), _aq(sr, 8, NB, d, t, one),
+                _aq(sr, 12, NB, d, t, one), _aq(sr, 16, NB, d, t, one))
+    else:
+        M: tl.constexpr = (1 << NB) - 1
+        w = _j8(tl.load(lr + (src & M)), tl.load(lr + ((src >> 4) & M)), tl.load(lr + ((src >> 8) & M)),
+                tl.load(lr + ((src >> 12) & M)), tl.load(lr + ((src >> 16) & M)), tl.load(lr + ((src >> 20) & M)),
+                tl.load(lr + ((src >> 24) & M)), tl.load(lr + ((src >> 28) & M)))
+    return w
+
+
+@triton.jit
+def _nib16(wd, s, lr, d, t, one, AFFINE: tl.constexpr):
+    """The sixteen 3-bit codes of lo-plane words ``wd`` with their hi bits ``s`` (bit j: code j) as ``[..., 2, 2, 2,
+    2]`` (flattening in code order). Three shift+mask stages move hi bit j to bit ``4 * (j // 2) + j % 2``; even codes
+    j = 2i become nibble i of ``ev`` (lo bits 4i, 4i+1 of the lo word in place, hi bit to 4i+2), odd codes nibble i
+    of ``od`` (lo bits shifted down by 2): one bit-select each (bit 4i+3 is left over from the lo word; every decode
+    masks it off), then both decode as 4-bit words do."""
+    s = (s | (s << 8)) & 0x00FF00FF
+    s = (s | (s << 4)) & 0x0F0F0F0F
+    s = (s | (s << 2)) & 0x33333333
+    ev = ((s << 2) & 0x44444444) | (wd & ~0x44444444)
+    od = ((s << 1) & 0x44444444) | ((wd >> 2) & ~0x44444444)
+    return tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE), _nib8(od, lr, d, t, one, 3, AFFINE))
+
+
+@triton.jit
+def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr, AFFINE: tl.constexpr,
+             MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
     affine: ``d`` = delta, ``t`` = T[0], ``one`` the exponent bits), inputs ``k0 .. k0 + BK``, from 32-bit code
     words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words past the row read as code 0 (the
@@ -124,33 +154,43 @@ def _weights(q_ptr, rn, n_mask, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS:
     row = q_ptr + rn[:, None] * stride_qw
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     kw = k0 // PER + tl.arange(0, BK // PER)
-    wmask = n_mask[:, None] & (kw < (K + PER - 1) // PER)[None, :]
-    wd = tl.load(row + kw[None, :], mask=wmask, other=0)
-    if AFFINE and BITS != 4 and BITS != 8:  # code at the top of the mantissa: 1 + c / 2**BITS
-        d, t = d * (1 << BITS), t - d * (1 << BITS)
-    if BITS == 3:  # the 16 hi bits of lo word kw: half kw % 2 of hi word kw // 2
-        hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
-        h = hi >> ((kw % 2) * 16)[None, :]
+    if MASKED:
+        wmask = (kw < (K + PER - 1) // PER)[None, :]
+        wd = tl.load(row + kw[None, :], mask=wmask, other=0)
     else:
-        h = wd
-    if AFFINE and BITS == 4:  # nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift
-        wl = wd << 8
-        wr = wd >> 12
-        w = _j8(_aq(wl, 8, 4, d, t, one), _aq(wl, 12, 4, d, t, one), _aq(wd, 8, 4, d, t, one),
-                _aq(wd, 12, 4, d, t, one), _aq(wd, 16, 4, d, t, one), _aq(wr, 8, 4, d, t, one),
-                _aq(wr, 12, 4, d, t, one), _aq(wr, 16, 4, d, t, one))
+        wd = tl.load(row + kw[None, :])
+    if AFFINE and BITS == 2:  # code at the top of the mantissa: 1 + c / 2**BITS
+        d, t = d * (1 << BITS), t - d * (1 << BITS)
+    if BITS == 3 and AFFINE and BK >= 128:
+        # lo words 2p, 2p+1 share hi word p (its low and high 16 bits): one load, no shifts
+        if MASKED:
+            hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :],
+                         mask=(k0 // 32 + tl.arange(0, BK // 32) < (K + 31) // 32)[None, :], other=0)
+        else:
+            hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :])
+        lo_e, lo_o = tl.split(tl.reshape(wd, (BN, BK // 32, 2)))
+        w_e = _nib16(lo_e, hi & 0xFFFF, lr, d, t, one, AFFINE)
+        w_o = _nib16(lo_o, (hi.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True), lr, d, t, one,
+                     AFFINE)
+        w = tl.permute(tl.join(w_e, w_o), (0, 1, 6, 2, 3, 4, 5))
+    elif BITS == 3:
+        # per lo word: tables (the join above costs them a shared-memory round trip under Triton 3.6) and small tiles
+        if MASKED:
+            hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
+        else:
+            hi = tl.load(row + hi_off_w + (kw // 2)[None, :])
+        w = _nib16(wd, (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF, lr, d, t, one, AFFINE)
+    elif BITS == 4:
+        w = _nib8(wd, lr, d, t, one, 4, AFFINE)
     elif AFFINE and BITS == 8:
         w = _j4(_aq(wd << 8, 8, 8, d, t, one), _aq(wd, 8, 8, d, t, one), _aq(wd >> 8, 8, 8, d, t, one),
                 _aq(wd >> 16, 8, 8, d, t, one))
     elif PER == 4:
+        h = wd
         w = _j4(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
                 _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE))
-    elif PER == 8:
-        w = _j8(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
-                _dec(wd, h, lr, d, t, one, 6, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 7, BITS, AFFINE))
-    else:
+    else:  # 2 bits
+        h = wd
         w = _j16(_dec(wd, h, lr, d, t, one, 0, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 1, BITS, AFFINE),
                  _dec(wd, h, lr, d, t, one, 2, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 3, BITS, AFFINE),
                  _dec(wd, h, lr, d, t, one, 4, BITS, AFFINE), _dec(wd, h, lr, d, t, one, 5, BITS, AFFINE),
@@ -191,6 +231,24 @@ def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
 
 
 @triton.jit
+def _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
+          AFFINE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+          BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """One K-step of the fused GEMM: ``acc += W[rq, k0:k0+BK] · x^T`` (``MASKED``: inputs past ``K`` read as 0)."""
+    rk = k0 + tl.arange(0, BK)
+    if MASKED:
+        xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None], other=0.0)
+    else:
+        xt = tl.load(x_cols + rk[:, None])
+    w = _weights(q_ptr, rq, lut_rows[:, None], d, t, one, stride_qw, hi_off_w, k0, K, BITS, AFFINE, MASKED, BN, BK)
+    if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
+        acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
+    else:
+        acc = tl.dot(w.to(xt.dtype), xt, acc)
+    return acc
+
+
+@triton.jit
 def _lut_gemm_kernel(
     x_ptr, q_ptr, lut_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split, one_bits,
@@ -212,21 +270,25 @@ def _lut_gemm_kernel(
         d, t = d[:, None], t[:, None]
     else:
         d, t = 0.0, 0.0
-    x_cols = x_ptr + rm[None, :] * stride_xm
+    x_cols = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # tokens past M: clamped, never stored
+    rq = tl.minimum(rn, N - 1)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + (k_hi - k_lo) // BK * BK
     # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
     # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        rk = k0 + tl.arange(0, BK)
-        xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None] & m_mask[None, :], other=0.0)
-        w = _weights(q_ptr, rn, n_mask, lut_rows[:, None], d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
-                     BN, BK)
-        if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
-            acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
-        else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    if BITS == 3 or BITS == 4 or not AFFINE:
+        for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, False, BN, BK)
+        if k_full < k_hi:  # the last split's partial block
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS,
+                        AFFINE, UPCAST, True, BN, BK)
+    else:  # 2/8-bit affine: every block masked (peeling the last one makes ptxas 3.9 spill a value across the loop)
+        for k0 in range(k_lo, k_hi, BK):
+            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, True, BN, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask & (rn * 0 + pid_s == 0), other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
@@ -247,7 +309,8 @@ def _lut_dequant_kernel(
     mask = n_mask[:, None] & (rk < K)[None, :]
     lut_rows = lut_ptr + tl.minimum(rn, N - 1)[:, None] * stride_lut
     if WORDS:
-        w = _weights(q_ptr, rn, n_mask, lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False, BN, BK)
+        w = _weights(q_ptr, tl.minimum(rn, N - 1), lut_rows, 0.0, 0.0, 0, stride_q, hi_off, k0, K, BITS, False,
+                     True, BN, BK)
     else:
         w = tl.load(lut_rows + _codes_bytes(q_ptr, rn, rk, mask, stride_q, hi_off, BITS))
     out = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
@@ -277,13 +340,20 @@ class FusedConfig:
 
 
 #: (BN, BK) tried in order: the first whose grid reaches two waves wins (small layers need the smaller tiles);
-#: 16-token tiles decode twice as many weights per K-step (the loop's fixed cost spread thinner)
+#: 16-token tiles decode twice as many weights per K-step (the loop's fixed cost spread thinner); affine (UAQ)
+#: decodes take 128 x 128 there (fewer SASS instructions per weight on both Triton versions; table decodes spill
+#: with it under Triton 3.6)
 TILES = ((64, 128), (32, 64), (32, 32))
 TILES_M16 = ((64, 256), (32, 64), (32, 32))
+TILES_M16_AFFINE = ((128, 128), (32, 64), (32, 32))
 
 
-def tiles_for(bm: int) -> tuple[tuple[int, int], ...]:
-    return TILES_M16 if bm == 16 else TILES
+def tiles_for(bm: int, affine: bool = False) -> tuple[tuple[int, int], ...]:
+    if bm == 16:
+        return TILES_M16_AFFINE if affine else TILES_M16
+    return TILES
+
+
 WAVES = 2
 
 
@@ -296,12 +366,13 @@ def token_tile(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> FusedConfig:
-    """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight: the first of :data:`TILES` whose
+def plan(m: int, n: int, k: int, sms: int = DEFAULT_SMS, affine: bool = False) -> FusedConfig:
+    """Tiles and split-K for ``M = m`` tokens on an ``[n, k]`` weight (``affine``: a UAQ decode): the first of
+    :func:`tiles_for` whose
     ``N-tiles × M-tiles × K-blocks`` reach ``WAVES × sms`` programs, K split just enough for that (every split the same
     whole number of K-blocks, the last one fewer); else the smallest tiles, K split completely."""
     bm = token_tile(m)
-    tiles_list = tiles_for(bm)
+    tiles_list = tiles_for(bm, affine)
     for i, (bn, bk) in enumerate(tiles_list):
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
         blocks = triton.cdiv(k, bk)
@@ -415,7 +486,7 @@ def fused_into(
     if m == 0 or n == 0:
         return out
     x2, lut = _row_major(x2), _row_major(lut)
-    cfg = config or plan(m, n, k_in, device_sms(x2.device))
+    cfg = config or plan(m, n, k_in, device_sms(x2.device), affine)
     k_per_split = triton.cdiv(triton.cdiv(k_in, cfg.bk), cfg.split_k) * cfg.bk
     split = triton.cdiv(k_in, k_per_split)
     bias = None if bias is None else bias.contiguous()
@@ -499,12 +570,19 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
 
 @dataclass(frozen=True)
 class CompileVariant:
-    """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``)."""
+    """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``);
+    ``max_per_weight``: the static SASS instructions per weight its main loop may cost on sm_90 (issue 15's targets,
+    set for the UAQ decode on the 16-token main tile), else None."""
 
     name: str
     launch: Callable[[], object]
     weights_per_iter: int
     gemm: bool
+    max_per_weight: float | None = None
+
+
+#: static SASS instructions per weight (sm_90) of the 16-token main tile's UAQ decode, by bit width
+PER_WEIGHT_TARGETS = {3: 6.0, 4: 5.0}
 
 
 #: the layer shapes (N, K) the plan is checked on: PixArt-Σ, SDXL, Flux
@@ -520,9 +598,9 @@ def fused_variants() -> list[tuple[FusedConfig, int, bool, torch.dtype]]:
     arguments)."""
     out = []
     for bm in (16, 32, 64):
-        for bn, bk in tiles_for(bm):
-            for bits in (2, 3, 4, 8):
-                for affine in (False, True):
+        for affine in (False, True):
+            for bn, bk in tiles_for(bm, affine):
+                for bits in (2, 3, 4, 8):
                     for dt in FUSED_DTYPES:
                         out.append((fused_config(bm, bn, bk), bits, affine, dt))
     return out
@@ -535,7 +613,7 @@ def compile_variants(quick: bool = False) -> list[CompileVariant]:
     n, k = 3072, 3072
     specs = fused_variants()
     if quick:
-        main = {(16, *TILES_M16[0]), (64, *TILES[0])}
+        main = {(16, *TILES_M16[0]), (16, *TILES_M16_AFFINE[0]), (64, *TILES[0])}
         specs = [s for s in specs if s[1] in (3, 4) and s[3] == torch.bfloat16
                  and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4)
                       or (s[0].bm == 64 and s[1] == 3 and s[2]))]
@@ -547,7 +625,9 @@ def compile_variants(quick: bool = False) -> list[CompileVariant]:
             lut = torch.empty(n, 1 << bits, dtype=dt)
             fused_into(x, codes, lut, bits, k, None, torch.empty(cfg.bm, n, dtype=dt), config=cfg, affine=affine)
         name = f"fused {cfg.bm}x{cfg.bn}x{cfg.bk} {bits}b {'affine' if affine else 'table'} {str(dt)[6:]}"
-        out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True))
+        target = PER_WEIGHT_TARGETS.get(bits) if (affine and (cfg.bm, cfg.bn, cfg.bk) == (16, *TILES_M16_AFFINE[0])) \
+            else None
+        out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True, target))
     for bits in (3, 4) if quick else (2, 3, 4, 8):
         for words in (True,) if quick else (True, False):
             def dq(bits=bits, words=words):
