@@ -98,7 +98,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_correctness(device: str, dry: bool) -> list[str]:
     rows = ["| kernel | variant | rel. error | tolerance | ok |", "|---|---|---|---|---|"]
     n, k = (72, 320) if dry else (1000, 2048)  # partial weight tiles, K split into several blocks
-    main = {(16, *tri.TILES_M16[0]), (32, *tri.TILES[0]), (64, *tri.TILES[0])}
+    main = {(16, *tri.TILES_M16[0]), (16, *tri.TILES_M16_AFFINE[0]), (32, *tri.TILES[0]), (64, *tri.TILES[0])}
 
     def wanted(cfg: tri.FusedConfig, bits: int, dtype: torch.dtype) -> bool:
         """Every tile at 3/4 bits bf16; the main tiles also in fp16 and at 2/8 bits (bounds the JIT time)."""
