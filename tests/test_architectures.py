@@ -5,7 +5,9 @@
   single stream, token refiner) and — on hosts whose detection accepts a small width — Flux dev / schnell. Each:
   Uniform and mixed Apply Config → sample → Save → Load → sample bit-identical; a short search; the report.
 * Full-width architectures (Qwen-Image, Chroma, Lumina 2, Z-Image, Flux; ``tiny_models.FULL_WIDTH``): built on the
-  meta device (no memory), detected by ComfyUI from their state dict, layer table checked.
+  meta device (no memory), detected by ComfyUI from their state dict, layer table checked. Opt-in
+  (``QUA2SEDIMO_FULL_WIDTH=1``), with real random weights (one block each): the round trip, and a short search and
+  the report through the Search and Sensitivity Report nodes.
 
 Every layer table must classify every layer of the repeated blocks (no ``other``); the expected category counts are
 written out per architecture below.
