@@ -5,7 +5,9 @@
   single stream, token refiner) and — on hosts whose detection accepts a small width — Flux dev / schnell. Each:
   Uniform and mixed Apply Config → sample → Save → Load → sample bit-identical; a short search; the report.
 * Full-width architectures (Qwen-Image, Chroma, Lumina 2, Z-Image, Flux; ``tiny_models.FULL_WIDTH``): built on the
-  meta device (no memory), detected by ComfyUI from their state dict, layer table checked.
+  meta device (no memory), detected by ComfyUI from their state dict, layer table checked. Opt-in
+  (``QUA2SEDIMO_FULL_WIDTH=1``), with real random weights (one block each): the round trip, and a short search and
+  the report through the Search and Sensitivity Report nodes.
 
 Every layer table must classify every layer of the repeated blocks (no ``other``); the expected category counts are
 written out per architecture below.
@@ -201,3 +203,116 @@ def test_full_width_round_trip(comfy_inproc, tmp_path, monkeypatch, name):
     bridge.save_quantized(qmp, tmp_path / "q.safetensors")
     assert torch.equal(lat, bridge.sample_latents(bridge.load_quantized(tmp_path / "q.safetensors"), pos, neg,
                                                   seed=3, **kw))
+
+
+def _node(cls, node_id: str):
+    """A node class as ComfyUI's executor hands it over: its hidden inputs set (on a copy)."""
+    from comfy_api.latest import io
+
+    return type(cls.__name__, (cls,), {"hidden": io.HiddenHolder.from_dict({"UNIQUE_ID": node_id})})
+
+
+FULL_SEARCH_CONFIGS = 10  # the Sensitivity Report node's 5 folds need 2 × 5 configs
+# UAQ and K-Means-C at 3 and 4 bits: all six options (K-Means-A, about half of the option table's time, included)
+# took more than 6 min per model on the shared 2-core machine (docs/benchmarks.md, "Full-width architectures")
+FULL_SEARCH_METHODS = ("uaq", "kmeans_c")
+
+
+@pytest.mark.comfy_inproc
+@pytest.mark.skipif(os.environ.get("QUA2SEDIMO_FULL_WIDTH") != "1",
+                    reason="full-width searches (0.4-0.9 B weights, minutes each): set QUA2SEDIMO_FULL_WIDTH=1")
+@pytest.mark.parametrize("name", list(FULL_SAMPLE))
+def test_full_width_search_and_report(comfy_inproc, tmp_path, monkeypatch, name):
+    """Opt-in: a short search and the report on a real full-width model (one block), the way a user runs them: the
+    Search node ('wait', the default denoise_error objective, 10 configs — the fewest the report's 5 folds accept —,
+    64 px, 2 steps, 2 trajectory states) journals the configs, then the Sensitivity Report node (its defaults)
+    trains, scores, measures and writes the report and its figures. Options: a subset, UAQ and K-Means-C at 3 and 4
+    bits (``FULL_SEARCH_METHODS``), set where the node takes its option set: with all six the search took more than
+    6 min per model on the shared 2-core test machine. Prints the timings and the layer-classification counts per
+    category (docs/benchmarks.md, "Full-width architectures")."""
+    import math
+    import subprocess
+    import time
+
+    import comfy.sd
+    import tiny_models as tm
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+    from qua2sedimo.nodes import report_jobs, search_nodes
+    from qua2sedimo.nodes import search_jobs as jobs
+    from qua2sedimo.nodes.search_nodes import Search, SensitivityReport
+    from qua2sedimo.search.journal import Journal
+    from qua2sedimo.search.sampling import option_set
+
+    monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path / "cache")  # a fresh option table, measured
+    monkeypatch.setattr(bridge, "journal_dir", lambda: tmp_path / "journals")
+    monkeypatch.setattr(bridge, "output_dir", lambda: tmp_path / "output")
+    table_s: list[float] = []
+    real_table = jobs.option_table
+
+    def timed_table(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real_table(*a, **k)
+        finally:
+            table_s.append(time.perf_counter() - t0)
+
+    monkeypatch.setattr(jobs, "option_table", timed_table)
+    options = option_set(FULL_SEARCH_METHODS)
+    monkeypatch.setattr(search_nodes, "option_set", lambda: options)
+    bridge.register_folders()
+    src = tmp_path / f"{name}.safetensors"
+    tm.build_and_save(name, src)
+    mp = comfy.sd.load_diffusion_model(str(src))
+    assert type(mp.model.model_config).__name__ == tm.FULL_WIDTH[name].cls
+    pos, neg = tm.conditioning_for(FULL_SAMPLE[name], seed=1), tm.conditioning_for(FULL_SAMPLE[name], seed=2)
+
+    t0 = time.perf_counter()
+    handle, status = _node(Search, "search").execute(
+        mp, pos, neg, objective="denoise_error", configs=FULL_SEARCH_CONFIGS, minutes=0.0, seed=0, mode="wait",
+        journal=name, steps=2, width=64, height=64, n_states=2, n_seeds=1, cfg=3.0).result
+    search_s = time.perf_counter() - t0
+    assert status.startswith("done"), status
+    with Journal.open(handle.journal, readonly=True,
+                      **{k: v for k, v in handle.journal_kwargs.items() if k != "layer_names"}) as j:
+        records = j.records(source="random")
+        config_s = sum(r.timings.get("evaluate", 0.0) for r in records)
+    print(f"\nFULL-WIDTH-SEARCH-PHASE {name} {_version()}: search {search_s:.1f} s, option table {table_s} s, "
+          f"configs {config_s:.1f} s, {len(records)} configs", flush=True)
+    assert len(records) == FULL_SEARCH_CONFIGS
+    bad = [(r.primary, r.avg_bits) for r in records if not (math.isfinite(r.primary) and r.primary > 0
+                                                            and 3 <= r.avg_bits < 5)]
+    assert not bad, bad
+    assert all(math.isfinite(v) for r in records for v in r.values.values())
+    assert handle.context.journal_kwargs["settings"]["options"] == list(options) and len(table_s) == 1
+
+    t0 = time.perf_counter()
+    _, text = _node(SensitivityReport, "report").execute(handle, targets="3.5, 4.0", seed=0,
+                                                         filename_prefix="qua2sedimo/report").result
+    report_s = time.perf_counter() - t0
+    report_path = tmp_path / "output" / text.rsplit("report: ", 1)[1].strip()
+    report = json.loads(report_path.read_text())
+    a = report_jobs.analyse(handle, targets=(3.5, 4.0), seed=0)  # the node's analysis (cached, not trained again)
+    assert a.seconds and report["evaluated"] == FULL_SEARCH_CONFIGS
+
+    # the layer table: every layer classified, no layer of a main block (nor any other) in `other`
+    counts = dict(Counter(n.block_category for n in a.graph.layers))
+    _check_table(name, a.graph.layers)
+    assert "other" not in report["categories"].get("block_category", {}), report["categories"].keys()
+    # unit scores finite (and not all 0), baselines and constructions measured, figures written
+    assert a.scores and all(math.isfinite(s.score) for s in a.scores)
+    assert any(s.score != 0 for s in a.scores), "every sensitivity score is 0"
+    assert {s.block_category for s in a.scores} == set(EXPECTED[name])
+    base = report["baselines"]
+    assert 0 < base["uniform_uaq4"]["objective"] < base["uniform_uaq3"]["objective"]
+    assert all(m["objective"] is not None and math.isfinite(m["objective"]) for m in report["constructed"])
+    assert set(report["figures"]) == set(a.figures) and len(a.figures) >= 3
+    for fig in report["figures"].values():
+        assert (report_path.parent / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    figures = dict(model=name, host=_version(), options=list(options), configs=len(records),
+                   search_s=round(search_s, 1), option_table_s=round(table_s[0], 1), configs_s=round(config_s, 1),
+                   report_s=round(report_s, 1), report_steps=a.seconds, layers=len(a.graph.layers),
+                   categories=counts, uptime=load)
+    print(f"\nFULL-WIDTH-SEARCH {json.dumps(figures)}")
