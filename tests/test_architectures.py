@@ -174,6 +174,22 @@ FULL_SAMPLE = {"flux_dev_full": "flux", "chroma_full": "flux", "qwen_image_full"
                "zimage_full": "zimage"}
 
 
+def _load_full_width(name: str, tmp_path):
+    """A full-width model built with ComfyUI's classes, saved, loaded by ComfyUI's loader (detected as its class),
+    and its two prompts."""
+    import comfy.sd
+    import tiny_models as tm
+
+    from qua2sedimo.nodes import comfy_bridge as bridge
+
+    bridge.register_folders()
+    src = tmp_path / f"{name}.safetensors"
+    tm.build_and_save(name, src)
+    mp = comfy.sd.load_diffusion_model(str(src))
+    assert type(mp.model.model_config).__name__ == tm.FULL_WIDTH[name].cls
+    return mp, tm.conditioning_for(FULL_SAMPLE[name], seed=1), tm.conditioning_for(FULL_SAMPLE[name], seed=2)
+
+
 @pytest.mark.comfy_inproc
 @pytest.mark.skipif(os.environ.get("QUA2SEDIMO_FULL_WIDTH") != "1",
                     reason="full-width round trips (0.4-0.9 B weights, minutes each): set QUA2SEDIMO_FULL_WIDTH=1")
@@ -181,19 +197,12 @@ FULL_SAMPLE = {"flux_dev_full": "flux", "chroma_full": "flux", "qwen_image_full"
 def test_full_width_round_trip(comfy_inproc, tmp_path, monkeypatch, name):
     """Opt-in: a real full-width model (one block) through Apply Config (uniform K-Means-C 4-bit, the fast
     quantizer) → sample → Save → Load → sample, bit-identical."""
-    import comfy.sd
-    import tiny_models as tm
 
     from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.quant import QuantConfig
 
     monkeypatch.setattr(bridge, "cache_dir", lambda: tmp_path / "cache")
-    bridge.register_folders()
-    src = tmp_path / f"{name}.safetensors"
-    tm.build_and_save(name, src)
-    mp = comfy.sd.load_diffusion_model(str(src))
-    assert type(mp.model.model_config).__name__ == tm.FULL_WIDTH[name].cls
-    pos, neg = tm.conditioning_for(FULL_SAMPLE[name], seed=1), tm.conditioning_for(FULL_SAMPLE[name], seed=2)
+    mp, pos, neg = _load_full_width(name, tmp_path)
     dm = bridge.diffusion_model(mp)
     qmp, summary = bridge.apply_config(mp, QuantConfig.uniform(dm, "kmeans_c-4"))
     assert summary["bytes_after"] < 0.3 * summary["bytes_before"]
@@ -234,9 +243,6 @@ def test_full_width_search_and_report(comfy_inproc, tmp_path, monkeypatch, name)
     import subprocess
     import time
 
-    import comfy.sd
-    import tiny_models as tm
-
     from qua2sedimo.nodes import comfy_bridge as bridge
     from qua2sedimo.nodes import report_jobs, search_nodes
     from qua2sedimo.nodes import search_jobs as jobs
@@ -260,12 +266,7 @@ def test_full_width_search_and_report(comfy_inproc, tmp_path, monkeypatch, name)
     monkeypatch.setattr(jobs, "option_table", timed_table)
     options = option_set(FULL_SEARCH_METHODS)
     monkeypatch.setattr(search_nodes, "option_set", lambda: options)
-    bridge.register_folders()
-    src = tmp_path / f"{name}.safetensors"
-    tm.build_and_save(name, src)
-    mp = comfy.sd.load_diffusion_model(str(src))
-    assert type(mp.model.model_config).__name__ == tm.FULL_WIDTH[name].cls
-    pos, neg = tm.conditioning_for(FULL_SAMPLE[name], seed=1), tm.conditioning_for(FULL_SAMPLE[name], seed=2)
+    mp, pos, neg = _load_full_width(name, tmp_path)
 
     t0 = time.perf_counter()
     handle, status = _node(Search, "search").execute(
