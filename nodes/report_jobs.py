@@ -26,7 +26,7 @@ from ..search.predictor import (
     PredictorEnsemble,
 )
 from ..search.quality import PredictorQuality, train_and_compare
-from ..search.report import Report, build_report, chosen_options_png, insight_figures, pareto_png
+from ..search.report import STABLE_CONFIGS, Report, build_report, chosen_options_png, insight_figures, pareto_png
 from ..search.runner import config_size
 from ..search.sampling import config_key
 from ..search.scores import UnitScore, unit_scores
@@ -89,7 +89,7 @@ def analyse(handle: SearchHandle, *, targets: Sequence[float] = DEFAULT_TARGETS,
         n_random = len(j.done_indices())
     if n_random < 2 * folds:
         raise ValueError(f"the journal holds {n_random} evaluated configs; the predictor needs at least {2 * folds} "
-                         f"(about 200 for reliable insights): run the search longer")
+                         f"({STABLE_CONFIGS} for a stable ranking): run the search longer")
     key = (handle.job_key, n_random, tuple(targets), seed, folds, epochs)
     if key in _CACHE:
         return _CACHE[key]

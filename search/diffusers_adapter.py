@@ -48,7 +48,7 @@ from .marginal import predicted_knapsack
 from .objectives import DenoiseError, StateRecorder, TrajectoryStates, states_cache_key
 from .predictor import PredictorConfig
 from .quality import train_and_compare
-from .report import Report, build_report, report_dumps
+from .report import STABLE_CONFIGS, Report, build_report, report_dumps
 from .runner import SearchProgress, SearchResult, config_size, run_search
 from .sampling import ConfigSampler, config_key, option_set
 from .scores import UnitScore, unit_scores
@@ -426,7 +426,7 @@ def analyse(ctx: DiffusersSearch, journal: str | os.PathLike, *, targets: Sequen
         random = j.records(source="random")
     if len(random) < 2 * folds:
         raise ValueError(f"the journal holds {len(random)} evaluated configs; the predictor needs at least "
-                         f"{2 * folds} (about 200 for reliable insights): run the search longer")
+                         f"{2 * folds} ({STABLE_CONFIGS} for a stable ranking): run the search longer")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
