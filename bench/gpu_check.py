@@ -109,21 +109,43 @@ def check_correctness(device: str, dry: bool) -> list[str]:
     if dry:
         variants = [v for v in tri.fused_variants()
                     if v[0].bm == 16 and (v[0].bn, v[0].bk) == (32, 32) and v[3] == torch.float16]
+    # the table decode of the dispatch (prmt) everywhere; the gather decode too on the 16-token main tile
+    variants = [(*v, None) for v in variants] + [
+        (v[0], v[1], v[2], v[3], "gather") for v in variants
+        if not v[2] and v[1] in (3, 4) and (v[0].bm, v[0].bn, v[0].bk) == (16, *tri.TILES_M16[0])]
     bad = 0
-    for cfg, bits, affine, dtype in variants:
+    for cfg, bits, affine, dtype, decode in variants:
         w = random_weight(n, k, bits, "uaq" if affine else "kmeans_c", dtype, device, seed=bits)
         m = min(cfg.bm, 7 if dry else cfg.bm) - (cfg.bm > 16)  # a partial token tile
         x = torch.randn(m, k, device=device, dtype=dtype)
         expected = F.linear(x.double(), ref.dequantize(w, torch.float64))
+        kind = "affine" if affine else "table-gather" if decode == "gather" else "table"
         for split in (1, 3):
             out = torch.empty(m, n, dtype=dtype, device=device)
             c = tri.fused_config(cfg.bm, cfg.bn, cfg.bk, split)
-            tri.fused_into(x, w.codes, w.lut, bits, k, None, out, config=c, affine=affine)
+            tri.fused_into(x, w.codes, w.lut, bits, k, None, out, config=c, affine=affine, decode=decode)
             e, tol = rel_err(out, expected), (2e-3 if dtype == torch.float16 else 1e-2)
             bad += e >= tol
-            rows.append(f"| fused | {cfg.bm}x{cfg.bn}x{cfg.bk} split {split} {bits}b "
-                        f"{'affine' if affine else 'table'} {str(dtype)[6:]} | {e:.1e} | {tol:.0e} | "
-                        f"{'ok' if e < tol else 'FAIL'} |")
+            rows.append(f"| fused | {cfg.bm}x{cfg.bn}x{cfg.bk} split {split} {bits}b {kind} {str(dtype)[6:]} | "
+                        f"{e:.1e} | {tol:.0e} | {'ok' if e < tol else 'FAIL'} |")
+    # the table decodes, weight by weight: one-hot tokens must return the table's entries exactly
+    n1, k1 = (40, 256) if dry else (512, 2048)
+    for bits in BITS:
+        for decode in ("prmt", "gather"):
+            w = random_weight(n1, k1, bits, "kmeans_c", torch.bfloat16, device, seed=7 + bits)
+            dense = ref.dequantize(w, torch.bfloat16)
+            same = True
+            for first in (0, 16):  # columns at every residue mod 32: every code position of the packed words
+                cols = torch.tensor([(first + r * 33) % k1 for r in range(16)], device=device)
+                x = torch.zeros(16, k1, device=device, dtype=torch.bfloat16)
+                x[torch.arange(16, device=device), cols] = 1
+                out = torch.empty(16, n1, dtype=torch.bfloat16, device=device)
+                tri.fused_into(x, w.codes, w.lut, bits, k1, None, out,
+                               config=tri.fused_config(16, *tri.TILES_M16[0]), decode=decode)
+                same = same and torch.equal(out, dense[:, cols].t())
+            bad += not same
+            rows.append(f"| fused one-hot | {bits}b table-{decode} bf16 | {'0' if same else 'differs'} | exact | "
+                        f"{'ok' if same else 'FAIL'} |")
     for bits in (2, 3, 4, 8):
         for kk in (k, k + 1):  # word-aligned rows, byte-wise rows
             w = random_weight(n, kk, bits, "kmeans_c", torch.bfloat16, device, seed=kk)
@@ -159,6 +181,16 @@ def check_speed(device: str, dry: bool) -> list[str]:
                 t_quant = run(lambda x=x, w=w: kernels.linear(x, w))
                 cells.append(f"{t_dense / t_quant:.2f}")
             rows.append(f"| {name} | {n}×{k} | {bits} | " + " | ".join(cells) + " |")
+    rows += ["", "fused GEMM, 16 tokens, table decodes: time gather / prmt (> 1: the register lookup is faster)", "",
+             "| N×K | bits | gather / prmt |", "|---|---|---|"]
+    for n, k in ((72, 320),) if dry else ((3072, 12288), (12288, 3072)):
+        for bits in BITS:
+            w = random_weight(n, k, bits, "kmeans_c", dtype, device, seed=n + bits)
+            x = torch.randn(16, k, device=device, dtype=dtype)
+            out = torch.empty(16, n, device=device, dtype=dtype)
+            t = {d: run(lambda d=d, w=w, x=x, out=out, n=n, k=k, bits=bits:
+                        tri.fused_into(x, w.codes, w.lut, bits, k, None, out, decode=d)) for d in ("prmt", "gather")}
+            rows.append(f"| {n}×{k} | {bits} | {t['gather'] / t['prmt']:.2f} |")
     return rows
 
 

@@ -13,7 +13,8 @@ specialisation a launch computes: types, 16-byte divisibility, ``== 1`` integers
   thread decodes in one iteration (``BLOCK_N × BLOCK_K / threads``: the SASS is what each thread issues).
 
 Fails (exit 1) on a compile error, a spill, a GEMM without tensor-core MMA, or a variant over its per-weight target
-on sm_90 (``CompileVariant.max_per_weight``: the UAQ decode on the 16-token main tile, ≤ 5 at 4 bits, ≤ 6 at 3).
+on sm_90 (``CompileVariant.max_per_weight``: the table and UAQ decodes on their 16-token main tiles, ≤ 5 at 4 bits,
+≤ 6 at 3).
 ``--quick`` compiles the representative set CI runs; the default compiles every variant dispatch can launch.
 ``TRITON_INTERPRET`` must be unset.
 

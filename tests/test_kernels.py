@@ -404,11 +404,79 @@ def test_triton_fused_tile_configs(config, affine):
     assert rel_err(out, expected) < TOL[torch.float16]
 
 
+def ptx_prmt(a: int, b: int, c: int) -> int:
+    """``prmt.b32 d, a, b, c`` (default mode) as the PTX ISA defines it: ``tmp64 = b:a``; byte i of ``d`` is byte
+    ``c[4i+2 : 4i]`` of ``tmp64``, or the sign of that byte replicated when ``c[4i+3]`` is set."""
+    tmp = ((b & 0xFFFFFFFF) << 32) | (a & 0xFFFFFFFF)
+    d = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (tmp >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        d |= byte << (8 * i)
+    return d - (1 << 32) if d >= 1 << 31 else d
+
+
+if tri is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _prmt_kernel(a_ptr, b_ptr, s_ptr, out_ptr, EMULATE: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, tri._prmt(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(s_ptr + i), EMULATE))
+
+
+@needs_triton
+@pytest.mark.parametrize("emulate", [True, False] if torch.cuda.is_available() else [True])
+def test_prmt_follows_the_ptx_definition(emulate):
+    """The byte permute of the register table lookup (emulated on CPU, PTX on a GPU) against the ISA's definition:
+    random words and selectors (sign mode included, upper selector bits ignored) and the identities."""
+    g = torch.Generator().manual_seed(5)
+    n = 512
+    a, b, sel = (torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+                 for _ in range(3))
+    sel[:6] = torch.tensor([0x3210, 0x7654, 0x5140, 0x7362, 0x9D8C, 0xBFAE], dtype=torch.int32)
+    out = torch.empty(n, dtype=torch.int32)
+    dev = [t.to(DEV) for t in (a, b, sel, out)]
+    _prmt_kernel[(1,)](*dev, EMULATE=emulate, N=n)
+    got = dev[3].cpu().tolist()
+    want = [ptx_prmt(x, y, z) for x, y, z in zip(a.tolist(), b.tolist(), sel.tolist(), strict=True)]
+    assert got == want
+    assert got[0] == a[0].item() and got[1] == b[1].item()
+
+
+@needs_triton
+def test_table_mode_picks_the_register_lookup_for_3_and_4_bit_tables():
+    interp = 2 if tri.INTERPRET else 1
+    assert tri.table_mode(4, False, torch.bfloat16, "prmt") == interp
+    assert tri.table_mode(3, False, torch.float16, "prmt") == interp
+    assert tri.table_mode(4, True, torch.float16, "prmt") == 0  # UAQ: the affine decode
+    assert tri.table_mode(2, False, torch.float16, "prmt") == 0
+    assert tri.table_mode(4, False, torch.float32, "prmt") == 0
+    assert tri.table_mode(4, False, torch.float16, "gather") == 0
+    with pytest.raises(ValueError, match="'prmt' or 'gather'"):
+        tri.table_mode(4, False, torch.float16, "shuffle")
+
+
+def test_table_decode_setting_is_validated_at_import():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, QUA2SEDIMO_TABLE_DECODE="fast", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", "import qua2sedimo.quant.kernels.triton_lut"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if "No module named 'triton'" in proc.stderr:
+        pytest.skip("triton not installed")
+    assert proc.returncode != 0 and "QUA2SEDIMO_TABLE_DECODE must be 'prmt' or 'gather'" in proc.stderr
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("affine", [False, True])
-def test_triton_fused_decodes_every_code_position(bits, affine, dtype):
+@pytest.mark.parametrize("affine,decode", [(False, "prmt"), (False, "gather"), (True, None)])
+def test_triton_fused_decodes_every_code_position(bits, affine, decode, dtype):
     """The word-wise decode, weight by weight: one-hot tokens pick single input columns (every position of a code in
     its 32-bit words: residues 0..31, both lo words of a 3-bit hi word) out of the main 16-token tile, whole K-blocks
     and the partial last one, rows past the last tile's edge; table decodes give the table's entry exactly, affine
@@ -423,7 +491,7 @@ def test_triton_fused_decodes_every_code_position(bits, affine, dtype):
         x[torch.arange(16), cols] = 1
         out = torch.empty(16, n, dtype=dtype, device=DEV)
         cfg = tri.FusedConfig(16, *tri.tiles_for(16, affine)[0], split_k=2)  # split 2 ends with the partial block
-        tri.fused_into(x.to(DEV), packed, lut, bits, k, None, out, config=cfg, affine=affine)
+        tri.fused_into(x.to(DEV), packed, lut, bits, k, None, out, config=cfg, affine=affine, decode=decode)
         want = expected_w[:, cols].t()
         atol = 0.0 if not affine else 2 * torch.finfo(dtype).eps * float(lut.abs().max())
         torch.testing.assert_close(out, want, rtol=0, atol=atol)

@@ -10,19 +10,28 @@ rows and tokens past the edge are clamped and never stored). Whole K-blocks run 
 excepted); the last split's partial block runs once after the loop. Codes are read as 32-bit words (2/3/4/8 bits:
 16/32+16/8/4 codes per word) and decoded with shifts and masks; 3-bit words are first rearranged into two words of
 3-bit nibbles (even and odd codes, the hi plane's bits spread in three shift+mask stages) and then decode as 4-bit
-words do; table offsets are int32. UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a
-gather or an int→float conversion: the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the
-mantissa (2 bits), are ORed with the exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D =
-delta * 2**(23-q)``, ``delta = (t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's
-dtype from the stored table). K is split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so
-that the grid covers at least two waves of the GPU's SMs (:func:`plan`).
+words do. 3/4-bit tables (``TABLE_DECODE = "prmt"``, the default) are looked up in registers: each program splits
+its rows' 16-bit entries once into byte planes (the low and the high bytes of four entries per 32-bit register), and
+PTX ``prmt`` (byte permute: four 3-bit byte selectors at once) picks four codes' bytes per instruction — at 4 bits
+among entries 0-7 and 8-15, kept by a byte mask of the codes' top bits — then interleaves low and high bytes into
+the 16-bit pairs the MMA reads (21 instructions per 8 codes at 4 bits, 13 at 3; no memory access). Under the
+interpreter, which runs no PTX, ``prmt`` is emulated with shifts and masks (:func:`_prmt`), so the tests check the
+lookup's logic on CPU; ``"gather"`` (``QUA2SEDIMO_TABLE_DECODE=gather``) keeps the previous decode, one global
+load per weight at an int32 offset, and 2/8-bit tables use it.
+
+UAQ layers (``affine``: their table is ``(code - zero) * delta``) decode without a gather or an int→float conversion:
+the code bits, where they lie in the word (3/4/8 bits) or moved to the top of the mantissa (2 bits), are ORed with the
+exponent of 1.0 and one FMA gives ``(1 + c * 2**(q-23)) * D + (t[0] - D)``, ``D = delta * 2**(23-q)``, ``delta =
+(t[L-1] - t[0]) / (L-1)`` in fp32 (about one unit in the last place of the table's dtype from the stored table). K is
+split over ``split_k`` programs (fp32 partials, summed in order: deterministic) so that the grid covers at least two
+waves of the GPU's SMs (:func:`plan`).
 
 **Large M** and fp32 activations: :func:`dequantize` (same word-wise decode; byte-wise for rows that are not 4-byte
 aligned) in row chunks, each chunk's ``x @ W_chunk^T`` written by ``torch.addmm``/``mm`` straight into its columns of
 the output (no copy). Rows whose packed length is not a multiple of 4 bytes also take this path.
 
 Threshold (no GPU measured yet: a roofline estimate for an H100, see docs/benchmarks.md): ``FUSED_MAX_M = 256``.
-The fused kernel decodes every weight once per 64-token tile (4.5-9 SASS instructions per weight on the main
+The fused kernel decodes every weight once per 64-token tile (4.5-6.5 SASS instructions per weight on the main
 tiles, measured by ``bench/kernel_compile.py``); dequant + cuBLAS moves about 4 extra bytes per weight (write and read
 of the bf16 weight). Their costs cross at roughly 500-750 tokens (fused MMA efficiency 50-100 % of cuBLAS); 256 keeps
 a margin until ``bench/gpu_check.py`` measures it.
@@ -49,6 +58,11 @@ from .reference import CHUNK_WEIGHTS, check_activation, row_range
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_M = int(os.environ.get("QUA2SEDIMO_FUSED_MAX_M", "256"))
+#: how the fused GEMM looks up 3/4-bit tables: "prmt" (byte planes in registers, PTX ``prmt``; emulated with shifts
+#: under the interpreter) or "gather" (one global load per weight, the previous decode)
+TABLE_DECODE = os.environ.get("QUA2SEDIMO_TABLE_DECODE", "prmt")
+if TABLE_DECODE not in ("prmt", "gather"):
+    raise ValueError(f"QUA2SEDIMO_TABLE_DECODE must be 'prmt' or 'gather', got {TABLE_DECODE!r}")
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_SMS = 132  # H100 SXM; the device's own count is used where there is one
@@ -111,16 +125,124 @@ def _j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
 
 
 @triton.jit
-def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr):
+def _prmt(a, b, s, EMULATE: tl.constexpr):
+    """PTX ``prmt.b32 d, a, b, s`` (default mode): byte i of ``d`` is byte ``(s >> 4i) & 7`` of the eight bytes
+    ``b:a`` (0-3 from ``a``), or that byte's sign bit replicated when bit ``4i + 3`` of ``s`` is set; bits 16-31 of
+    ``s`` are ignored. ``EMULATE`` (the interpreter, which runs no PTX): the same with shifts and masks."""
+    if EMULATE:
+        au = a.to(tl.uint32, bitcast=True)
+        bu = b.to(tl.uint32, bitcast=True)
+        su = s.to(tl.uint32, bitcast=True)
+        r = su & 0
+        for i in tl.static_range(4):
+            nib = (su >> (4 * i)) & 0xF
+            sh = (nib & 3) * 8
+            byte = tl.where((nib & 4) == 0, au >> sh, bu >> sh) & 0xFF
+            byte = tl.where(nib >= 8, tl.where(byte >= 0x80, 0xFF, 0), byte)
+            r = r | (byte << (8 * i))
+        d = r.to(tl.int32, bitcast=True)
+    else:
+        d = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, s], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return d
+
+
+@triton.jit
+def _bytes_of(e0, e1, e2, e3, SHIFT: tl.constexpr):
+    """The word whose byte i is byte ``SHIFT // 8`` of ``e_i`` (16-bit table entries as int32)."""
+    return ((e0 >> SHIFT) & 0xFF) | (((e1 >> SHIFT) & 0xFF) << 8) | (((e2 >> SHIFT) & 0xFF) << 16) | \
+        (((e3 >> SHIFT) & 0xFF) << 24)
+
+
+@triton.jit
+def _entry(lut_rows, c: tl.constexpr, BITS: tl.constexpr):
+    """The bits of 16-bit table entry ``c`` of each row as int32 (0 past the table)."""
+    if c < (1 << BITS):
+        e = tl.load(lut_rows + c).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        e = tl.load(lut_rows).to(tl.int16, bitcast=True).to(tl.int32) & 0
+    return e
+
+
+@triton.jit
+def _table_planes(lut_rows, BITS: tl.constexpr):
+    """Byte planes of 16-bit table rows (``lut_rows`` [BN] pointers, 2**BITS entries each): ``(L0, .., L3, H0, ..,
+    H3)`` [BN, 1] int32, ``Lj``/``Hj`` holding the low/high bytes of entries ``4j .. 4j + 3`` (3 bits: 8 entries,
+    planes 2-3 unused and zero). Computed once per program (the table does not change along K)."""
+    e0, e1, e2, e3 = _entry(lut_rows, 0, BITS), _entry(lut_rows, 1, BITS), _entry(lut_rows, 2, BITS), \
+        _entry(lut_rows, 3, BITS)
+    e4, e5, e6, e7 = _entry(lut_rows, 4, BITS), _entry(lut_rows, 5, BITS), _entry(lut_rows, 6, BITS), \
+        _entry(lut_rows, 7, BITS)
+    e8, e9, e10, e11 = _entry(lut_rows, 8, BITS), _entry(lut_rows, 9, BITS), _entry(lut_rows, 10, BITS), \
+        _entry(lut_rows, 11, BITS)
+    e12, e13, e14, e15 = _entry(lut_rows, 12, BITS), _entry(lut_rows, 13, BITS), _entry(lut_rows, 14, BITS), \
+        _entry(lut_rows, 15, BITS)
+    return (_bytes_of(e0, e1, e2, e3, 0)[:, None], _bytes_of(e4, e5, e6, e7, 0)[:, None],
+            _bytes_of(e8, e9, e10, e11, 0)[:, None], _bytes_of(e12, e13, e14, e15, 0)[:, None],
+            _bytes_of(e0, e1, e2, e3, 8)[:, None], _bytes_of(e4, e5, e6, e7, 8)[:, None],
+            _bytes_of(e8, e9, e10, e11, 8)[:, None], _bytes_of(e12, e13, e14, e15, 8)[:, None])
+
+
+@triton.jit
+def _select(a, b, m):
+    """Bytes of ``b`` where ``m`` is 0xFF, of ``a`` where it is 0 (one LOP3)."""
+    return (a & ~m) | (b & m)
+
+
+@triton.jit
+def _lut_nib8(src, tb, NB: tl.constexpr, EMU: tl.constexpr, DT: tl.constexpr):
+    """Table weights (``DT``) of the eight ``NB``-bit codes at bits ``4i`` of each word ``src`` (3 bits: bit
+    ``4i + 3`` ignored) from the byte planes ``tb`` (:func:`_table_planes`), as ``[..., 2, 2, 2]`` (flattening in
+    code order); no memory access.
+
+    Codes 0-3 select with nibbles 0-3 of ``s7`` (bits 3 cleared), codes 4-7 with ``s7 >> 16``. Per byte plane and
+    four codes one ``prmt`` picks each code's byte among entries 0-7; at 4 bits a second one among entries 8-15
+    and one LOP3 keeps either by a byte mask of the codes' bits 3 (one ``prmt`` in sign mode: bit ``4i + 3`` of
+    ``src`` is the top bit of a byte of ``src`` or of ``src << 4``); two ``prmt`` interleave low and high bytes
+    into pairs. Per word of 8 codes: 21 instructions at 4 bits, 13 at 3 bits."""
+    s7 = src & 0x77777777
+    s7h = s7 >> 16
+    zero = src * 0
+    if NB == 4:
+        sh4 = src << 4
+        m_lo = _prmt(src, sh4, zero + 0x9D8C, EMU)  # codes 0, 1, 2, 3: bits 3, 7, 11, 15
+        m_hi = _prmt(src, sh4, zero + 0xBFAE, EMU)  # codes 4, 5, 6, 7: bits 19, 23, 27, 31
+        lo0 = _select(_prmt(tb[0], tb[1], s7, EMU), _prmt(tb[2], tb[3], s7, EMU), m_lo)
+        hi0 = _select(_prmt(tb[4], tb[5], s7, EMU), _prmt(tb[6], tb[7], s7, EMU), m_lo)
+        lo1 = _select(_prmt(tb[0], tb[1], s7h, EMU), _prmt(tb[2], tb[3], s7h, EMU), m_hi)
+        hi1 = _select(_prmt(tb[4], tb[5], s7h, EMU), _prmt(tb[6], tb[7], s7h, EMU), m_hi)
+    else:
+        lo0 = _prmt(tb[0], tb[1], s7, EMU)
+        hi0 = _prmt(tb[4], tb[5], s7, EMU)
+        lo1 = _prmt(tb[0], tb[1], s7h, EMU)
+        hi1 = _prmt(tb[4], tb[5], s7h, EMU)
+    w0, w1 = _halves(_prmt(lo0, hi0, zero + 0x5140, EMU), DT)
+    w2, w3 = _halves(_prmt(lo0, hi0, zero + 0x7362, EMU), DT)
+    w4, w5 = _halves(_prmt(lo1, hi1, zero + 0x5140, EMU), DT)
+    w6, w7 = _halves(_prmt(lo1, hi1, zero + 0x7362, EMU), DT)
+    return _j8(w0, w1, w2, w3, w4, w5, w6, w7)
+
+
+@triton.jit
+def _halves(p, DT: tl.constexpr):
+    """The two 16-bit values (low, high) of words ``p`` as ``DT``."""
+    return p.to(tl.int16).to(DT, bitcast=True), (p >> 16).to(tl.int16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr, TABLE: tl.constexpr, DT: tl.constexpr):
     """The eight ``NB``-bit codes at bits ``4i`` of each word ``src`` (``[..., 2, 2, 2]``, flattening in code order).
     Affine: nibbles 2-4 in place, 0-1 from one left shift, 5-7 from one right shift (mantissa bits 8, 12, 16: one
-    LOP3 + one FMA each); table: one shift + mask and one gather each."""
+    LOP3 + one FMA each); ``TABLE`` 1/2 (``lr``: the byte planes): :func:`_lut_nib8` with PTX / emulated
+    ``prmt``; else one shift + mask and one gather each."""
     if AFFINE:
         sl = src << 8
         sr = src >> 12
         w = _j8(_aq(sl, 8, NB, d, t, one), _aq(sl, 12, NB, d, t, one), _aq(src, 8, NB, d, t, one),
                 _aq(src, 12, NB, d, t, one), _aq(src, 16, NB, d, t, one), _aq(sr, 8, NB, d, t, one),
                 _aq(sr, 12, NB, d, t, one), _aq(sr, 16, NB, d, t, one))
+    elif TABLE != 0:
+        w = _lut_nib8(src, lr, NB, TABLE == 2, DT)
     else:
         M: tl.constexpr = (1 << NB) - 1
         w = _j8(tl.load(lr + (src & M)), tl.load(lr + ((src >> 4) & M)), tl.load(lr + ((src >> 8) & M)),
@@ -130,7 +252,7 @@ def _nib8(src, lr, d, t, one, NB: tl.constexpr, AFFINE: tl.constexpr):
 
 
 @triton.jit
-def _nib16(wd, s, lr, d, t, one, AFFINE: tl.constexpr):
+def _nib16(wd, s, lr, d, t, one, AFFINE: tl.constexpr, TABLE: tl.constexpr, DT: tl.constexpr):
     """The sixteen 3-bit codes of lo-plane words ``wd`` with their hi bits ``s`` (bit j: code j) as ``[..., 2, 2, 2,
     2]`` (flattening in code order). Three shift+mask stages move hi bit j to bit ``4 * (j // 2) + j % 2``; even codes
     j = 2i become nibble i of ``ev`` (lo bits 4i, 4i+1 of the lo word in place, hi bit to 4i+2), odd codes nibble i
@@ -141,12 +263,13 @@ def _nib16(wd, s, lr, d, t, one, AFFINE: tl.constexpr):
     s = (s | (s << 2)) & 0x33333333
     ev = ((s << 2) & 0x44444444) | (wd & ~0x44444444)
     od = ((s << 1) & 0x44444444) | ((wd >> 2) & ~0x44444444)
-    return tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE), _nib8(od, lr, d, t, one, 3, AFFINE))
+    return tl.join(_nib8(ev, lr, d, t, one, 3, AFFINE, TABLE, DT), _nib8(od, lr, d, t, one, 3, AFFINE, TABLE, DT))
 
 
 @triton.jit
 def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr, AFFINE: tl.constexpr,
-             MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+             MASKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TABLE: tl.constexpr = 0,
+             DT: tl.constexpr = tl.float16):  # fmt: skip
     """Decoded weights ``[BN, BK]`` (fp32 when affine, else the table's dtype) of rows ``rn`` (table rows ``lr``;
     affine: ``d`` = delta, ``t`` = T[0], ``one`` the exponent bits), inputs ``k0 .. k0 + BK``, from 32-bit code
     words (``q_ptr`` an int32 view, ``stride_qw``/``hi_off_w`` in words); words past the row read as code 0 (the
@@ -169,9 +292,9 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         else:
             hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :])
         lo_e, lo_o = tl.split(tl.reshape(wd, (BN, BK // 32, 2)))
-        w_e = _nib16(lo_e, hi & 0xFFFF, lr, d, t, one, AFFINE)
+        w_e = _nib16(lo_e, hi & 0xFFFF, lr, d, t, one, AFFINE, TABLE, DT)
         w_o = _nib16(lo_o, (hi.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True), lr, d, t, one,
-                     AFFINE)
+                     AFFINE, TABLE, DT)
         w = tl.permute(tl.join(w_e, w_o), (0, 1, 6, 2, 3, 4, 5))
     elif BITS == 3:
         # per lo word: tables (the join above costs them a shared-memory round trip under Triton 3.6) and small tiles
@@ -179,9 +302,9 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :], mask=wmask, other=0)
         else:
             hi = tl.load(row + hi_off_w + (kw // 2)[None, :])
-        w = _nib16(wd, (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF, lr, d, t, one, AFFINE)
+        w = _nib16(wd, (hi >> ((kw % 2) * 16)[None, :]) & 0xFFFF, lr, d, t, one, AFFINE, TABLE, DT)
     elif BITS == 4:
-        w = _nib8(wd, lr, d, t, one, 4, AFFINE)
+        w = _nib8(wd, lr, d, t, one, 4, AFFINE, TABLE, DT)
     elif AFFINE and BITS == 8:
         w = _j4(_aq(wd << 8, 8, 8, d, t, one), _aq(wd, 8, 8, d, t, one), _aq(wd >> 8, 8, 8, d, t, one),
                 _aq(wd >> 16, 8, 8, d, t, one))
@@ -231,16 +354,17 @@ def _affine_rows(lut_ptr, rn, n_mask, stride_lut, BITS: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
+def _step(acc, x_cols, q_ptr, rq, tb, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.constexpr,
           AFFINE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-          BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """One K-step of the fused GEMM: ``acc += W[rq, k0:k0+BK] · x^T`` (``MASKED``: inputs past ``K`` read as 0)."""
+          BN: tl.constexpr, BK: tl.constexpr, TABLE: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """One K-step of the fused GEMM: ``acc += W[rq, k0:k0+BK] · x^T`` (``MASKED``: inputs past ``K`` read as 0;
+    ``tb``: the table's byte planes when ``TABLE``, else its row pointers ``[BN, 1]``)."""
     rk = k0 + tl.arange(0, BK)
     if MASKED:
         xt = tl.load(x_cols + rk[:, None], mask=(rk < K)[:, None], other=0.0)
     else:
         xt = tl.load(x_cols + rk[:, None])
-    w = _weights(q_ptr, rq, lut_rows[:, None], d, t, one, stride_qw, hi_off_w, k0, K, BITS, AFFINE, MASKED, BN, BK)
+    w = _weights(q_ptr, rq, tb, d, t, one, stride_qw, hi_off_w, k0, K, BITS, AFFINE, MASKED, BN, BK, TABLE, DT)
     if UPCAST:  # interpreter: bf16 arithmetic / bf16 tl.dot are wrong there
         acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc)
     else:
@@ -253,7 +377,7 @@ def _lut_gemm_kernel(
     x_ptr, q_ptr, lut_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_qw, stride_lut, stride_om, stride_os, hi_off_w, k_per_split, one_bits,
     BITS: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TABLE: tl.constexpr,
 ):  # fmt: skip
     """Split ``pid(1)`` of ``out^T[N, M] = W[N, K] · x[M, K]^T`` for rows ``pid(0)``, tokens ``pid(2)``: written to
     ``out + pid(1) * stride_os`` (fp32 partials when split, else the output; bias added by split 0)."""
@@ -272,6 +396,10 @@ def _lut_gemm_kernel(
         d, t = 0.0, 0.0
     x_cols = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # tokens past M: clamped, never stored
     rq = tl.minimum(rn, N - 1)
+    if TABLE != 0:  # 3/4-bit tables: byte planes in registers, looked up with prmt
+        tb = _table_planes(lut_rows, BITS)
+    else:
+        tb = lut_rows[:, None]
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_full = k_lo + (k_hi - k_lo) // BK * BK
@@ -280,15 +408,15 @@ def _lut_gemm_kernel(
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
     if BITS == 3 or BITS == 4 or not AFFINE:
         for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
-            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
-                        UPCAST, False, BN, BK)
+            acc = _step(acc, x_cols, q_ptr, rq, tb, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, False, BN, BK, TABLE, lut_ptr.dtype.element_ty)
         if k_full < k_hi:  # the last split's partial block
-            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS,
-                        AFFINE, UPCAST, True, BN, BK)
+            acc = _step(acc, x_cols, q_ptr, rq, tb, d, t, one_bits, stride_qw, hi_off_w, k_full, K, BITS,
+                        AFFINE, UPCAST, True, BN, BK, TABLE, lut_ptr.dtype.element_ty)
     else:  # 2/8-bit affine: every block masked (peeling the last one makes ptxas 3.9 spill a value across the loop)
         for k0 in range(k_lo, k_hi, BK):
-            acc = _step(acc, x_cols, q_ptr, rq, lut_rows, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
-                        UPCAST, True, BN, BK)
+            acc = _step(acc, x_cols, q_ptr, rq, tb, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
+                        UPCAST, True, BN, BK, TABLE, lut_ptr.dtype.element_ty)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask & (rn * 0 + pid_s == 0), other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
@@ -440,6 +568,17 @@ def _word_view(codes: torch.Tensor) -> torch.Tensor:
     return flat[:usable].view(torch.int32)
 
 
+def table_mode(bits: int, affine: bool, lut_dtype: torch.dtype, decode: str | None = None) -> int:
+    """The fused kernel's ``TABLE``: 1 (PTX ``prmt``) or 2 (emulated, interpreter) for 3/4-bit tables of 16-bit
+    entries under the ``"prmt"`` decode (default :data:`TABLE_DECODE`), else 0 (gather)."""
+    decode = TABLE_DECODE if decode is None else decode
+    if decode not in ("prmt", "gather"):
+        raise ValueError(f"table decode must be 'prmt' or 'gather', got {decode!r}")
+    if affine or bits not in (3, 4) or lut_dtype not in FUSED_DTYPES or decode != "prmt":
+        return 0
+    return 2 if INTERPRET else 1
+
+
 def dequant_into(
     codes: torch.Tensor, lut: torch.Tensor, bits: int, k_in: int, out: torch.Tensor
 ) -> torch.Tensor:
@@ -473,10 +612,12 @@ def fused_into(
     out: torch.Tensor,
     config: FusedConfig | None = None,
     affine: bool = False,
+    decode: str | None = None,
 ) -> torch.Tensor:
     """Launch the fused GEMM: ``out [M, N] = x2 [M, K] @ W^T (+ bias)`` for fp16/bf16 ``x2`` and word-aligned
     ``codes`` (:func:`word_aligned`); ``config`` pins tiles and split (default :func:`plan`); ``affine``: decode
-    with one FMA from the table's first and last entries (UAQ tables)."""
+    with one FMA from the table's first and last entries (UAQ tables); ``decode``: how 3/4-bit tables are looked
+    up, ``"prmt"`` or ``"gather"`` (default :data:`TABLE_DECODE`)."""
     m, n = x2.shape[0], codes.shape[0]
     if x2.dtype not in FUSED_DTYPES:
         raise ValueError(f"fused kernel: activations must be float16/bfloat16, got {x2.dtype} (fp32 takes the "
@@ -498,7 +639,8 @@ def fused_into(
         codes.stride(0) // 4 if n > 1 else packed_length(k_in, bits) // 4, lut.stride(0) if lut.shape[0] > 1 else 0,
         stride_om, m * n, _hi_off(bits, k_in) // 4, k_per_split, 0x3F800000,
         BITS=bits, AFFINE=affine, HAS_BIAS=bias is not None, UPCAST=INTERPRET and x2.dtype == torch.bfloat16,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, TABLE=table_mode(bits, affine, lut.dtype, decode), num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )  # fmt: skip
     if split > 1:
         out.copy_(target.sum(dim=0))  # splits summed in order: deterministic
@@ -572,7 +714,7 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
 class CompileVariant:
     """A launch of one kernel variant with CPU tensors of real shapes (for ``bench/kernel_compile.py``);
     ``max_per_weight``: the static SASS instructions per weight its main loop may cost on sm_90 (issue 15's targets,
-    set for the UAQ decode on the 16-token main tile), else None."""
+    set for the table and UAQ decodes on their 16-token main tiles), else None."""
 
     name: str
     launch: Callable[[], object]
@@ -581,7 +723,7 @@ class CompileVariant:
     max_per_weight: float | None = None
 
 
-#: static SASS instructions per weight (sm_90) of the 16-token main tile's UAQ decode, by bit width
+#: static SASS instructions per weight (sm_90) of the 16-token main tiles' table and UAQ decodes, by bit width
 PER_WEIGHT_TARGETS = {3: 6.0, 4: 5.0}
 
 
@@ -609,24 +751,29 @@ def fused_variants() -> list[tuple[FusedConfig, int, bool, torch.dtype]]:
 def compile_variants(quick: bool = False) -> list[CompileVariant]:
     """Launches of every fused/dequant variant (``quick``: the representative set CI compiles — 3/4 bits, bf16, table
     and affine decode on the main tiles of 16 and 64 tokens, the small-layer tiles at 4 bits (16 tokens) and at 3-bit
-    affine (64 tokens: the heaviest decode), the dequant kernel)."""
+    affine (64 tokens: the heaviest decode), the dequant kernel); the full set also holds the gather table decode on
+    the 16-token main tile (``QUA2SEDIMO_TABLE_DECODE=gather``, the previous decode: the comparison)."""
     n, k = 3072, 3072
-    specs = fused_variants()
+    specs = [(*s, "prmt") for s in fused_variants()]
     if quick:
         main = {(16, *TILES_M16[0]), (16, *TILES_M16_AFFINE[0]), (64, *TILES[0])}
         specs = [s for s in specs if s[1] in (3, 4) and s[3] == torch.bfloat16
                  and ((s[0].bm, s[0].bn, s[0].bk) in main or (s[0].bm == 16 and s[1] == 4)
                       or (s[0].bm == 64 and s[1] == 3 and s[2]))]
+    else:
+        specs += [(fused_config(16, *TILES_M16[0]), bits, False, torch.bfloat16, "gather") for bits in (3, 4)]
     out = []
-    for cfg, bits, affine, dt in specs:
-        def go(cfg=cfg, bits=bits, affine=affine, dt=dt):
+    for cfg, bits, affine, dt, decode in specs:
+        def go(cfg=cfg, bits=bits, affine=affine, dt=dt, decode=decode):
             x = torch.empty(cfg.bm, k, dtype=dt)
             codes = torch.empty(n, packed_length(k, bits), dtype=torch.uint8)
             lut = torch.empty(n, 1 << bits, dtype=dt)
-            fused_into(x, codes, lut, bits, k, None, torch.empty(cfg.bm, n, dtype=dt), config=cfg, affine=affine)
-        name = f"fused {cfg.bm}x{cfg.bn}x{cfg.bk} {bits}b {'affine' if affine else 'table'} {str(dt)[6:]}"
-        target = PER_WEIGHT_TARGETS.get(bits) if (affine and (cfg.bm, cfg.bn, cfg.bk) == (16, *TILES_M16_AFFINE[0])) \
-            else None
+            fused_into(x, codes, lut, bits, k, None, torch.empty(cfg.bm, n, dtype=dt), config=cfg, affine=affine,
+                       decode=decode)
+        kind = "affine" if affine else "table" if decode == "prmt" or bits not in (3, 4) else "table-gather"
+        name = f"fused {cfg.bm}x{cfg.bn}x{cfg.bk} {bits}b {kind} {str(dt)[6:]}"
+        main_tile = (cfg.bm, cfg.bn, cfg.bk) == (16, *tiles_for(16, affine)[0])
+        target = PER_WEIGHT_TARGETS.get(bits) if main_tile and kind != "table-gather" else None
         out.append(CompileVariant(name, go, cfg.bn * cfg.bk, True, target))
     for bits in (3, 4) if quick else (2, 3, 4, 8):
         for words in (True,) if quick else (True, False):
