@@ -1,10 +1,12 @@
 """One prepared GPU check of the Triton LUT kernels (≤ 5 minutes on one H100/H200), printing markdown tables:
 
 1. correctness against the reference backend, on the device, of the fused kernel (every tile shape at 3/4 bits
-   bf16, table and affine decode, split-K off and on; the main tiles also in fp16 and at 2/8 bits) and of the
-   dequant kernel (word-wise and byte-wise rows);
+   bf16, table and affine decode, split-K off and on; the main tiles also in fp16 and at 2/8 bits; the 16-token
+   main tile also with the gather table decode; one-hot rows that must return the table's entries exactly under the
+   ``prmt`` and the gather decode) and of the dequant kernel (word-wise and byte-wise rows);
 2. time ratio bf16 cuBLAS / quantized (``kernels.linear``, the dispatch a model gets) at M ∈ {1, 16, 64, 256, 4096,
-   8192} for the PixArt (1152/4608), SDXL (640/1280/5120) and Flux (3072/12288) shapes at 3 and 4 bits;
+   8192} for the PixArt (1152/4608), SDXL (640/1280/5120) and Flux (3072/12288) shapes at 3 and 4 bits, and the
+   fused GEMM's time with the gather table decode over the ``prmt`` one at 16 tokens on the Flux shapes;
 3. one denoiser step and peak memory, dense bf16 vs quantized (uaq-4: affine decode; kmeans_c-3: table decode), of a
    full-size random-weight PixArt-Σ built with ComfyUI's classes (1024 px: 4096 tokens, batch 2), with the weight
    bytes by packed accounting.
