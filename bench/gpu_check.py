@@ -6,8 +6,11 @@
    ``prmt`` and the gather decode) and of the dequant kernel (word-wise and byte-wise rows);
 2. time ratio bf16 cuBLAS / quantized (``kernels.linear``, the dispatch a model gets) at M ∈ {1, 16, 64, 256, 4096,
    8192} for the PixArt (1152/4608), SDXL (640/1280/5120) and Flux (3072/12288) shapes at 3 and 4 bits, and the
-   fused GEMM's time with the gather table decode over the ``prmt`` one at 16 tokens on the Flux shapes;
-3. one denoiser step and peak memory, dense bf16 vs quantized (uaq-4: affine decode; kmeans_c-3: table decode), of a
+   fused GEMM's time with the gather table decode over the ``prmt`` one at 16 tokens on the Flux shapes, and the
+   dequant + cuBLAS path at M = 4096/8192 by chunk size (the large-M dispatch's one tunable);
+3. ``quantize_weight`` of all six options on the PixArt-Σ shapes on the GPU and the CPU side by side (the option
+   table quantizes on the GPU where the model is), with the share of identical code bytes;
+4. one denoiser step and peak memory, dense bf16 vs quantized (uaq-4: affine decode; kmeans_c-3: table decode), of a
    full-size random-weight PixArt-Σ built with ComfyUI's classes (1024 px: 4096 tokens, batch 2), with the weight
    bytes by packed accounting.
 
@@ -28,6 +31,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,10 +197,59 @@ def check_speed(device: str, dry: bool) -> list[str]:
             t = {d: run(lambda d=d, w=w, x=x, out=out, n=n, k=k, bits=bits:
                         tri.fused_into(x, w.codes, w.lut, bits, k, None, out, decode=d)) for d in ("prmt", "gather")}
             rows.append(f"| {n}×{k} | {bits} | {t['gather'] / t['prmt']:.2f} |")
+    chunks = (1 << 21, 1 << 22, 1 << 23, 1 << 24)  # weights dequantized per cuBLAS call (default: CHUNK_WEIGHTS)
+    rows += ["", "large M, dequant + cuBLAS, 4 bits: time ratio bf16 / quantized by chunk size (weights per chunk; "
+             f"the default is {ref.CHUNK_WEIGHTS >> 20} Mi: a chunk that stays in L2 is read back from there)", "",
+             "| N×K | M | " + " | ".join(f"{c >> 20} Mi" for c in chunks) + " |", "|---|---|" + "---|" * len(chunks)]
+    for n, k in ((72, 320),) if dry else ((3072, 12288), (12288, 3072)):
+        dense = torch.randn(n, k, device=device, dtype=dtype)
+        w = random_weight(n, k, 4, "kmeans_c", dtype, device, seed=n)
+        for m in (40,) if dry else (4096, 8192):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            t_dense = run(lambda x=x, d=dense: F.linear(x, d))
+            cells = []
+            for c in chunks:
+                r = max(1, c // k)
+                cells.append(f"{t_dense / run(lambda x=x, w=w, r=r: tri.linear(x, w, chunk_rows=r)):.2f}")
+            rows.append(f"| {n}×{k} | {m} | " + " | ".join(cells) + " |")
     return rows
 
 
-# ----------------------------------------------------------------------------------------------- 3. model step
+# ----------------------------------------------------------------------------------------------- 3. quantizers
+
+
+def check_quantizers(device: str, dry: bool) -> list[str]:
+    """``quantize_weight`` (what the option table runs per layer) of all six options on the PixArt-Σ Linear shapes,
+    on the device and on the CPU side by side, and how many codes the two agree on."""
+    from qua2sedimo.quant.quantizers import quantize_weight  # noqa: PLC0415
+
+    shapes = ((40, 64),) if dry else ((4608, 1152), (1152, 4608), (1152, 1152))
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g).half() for n, k in shapes]
+    total = sum(w.numel() for w in weights)
+    rows = [f"PixArt-Σ shapes {', '.join(f'{n}×{k}' for n, k in shapes)} ({total / 1e6:.1f} M fp16 weights)", "",
+            "| option | device s | ns/weight | CPU s | CPU / device | same codes |", "|---|---|---|---|---|---|"]
+    for method in ("uaq", "kmeans_c", "kmeans_a"):
+        for bits in BITS[::-1]:
+            times, codes = {}, {}
+            for dev in (device, "cpu"):
+                ws = [w.to(dev) for w in weights]
+                quantize_weight(ws[0], method, bits)  # warm-up (kernels, allocator)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = [quantize_weight(w, method, bits) for w in ws]
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                times[dev] = time.perf_counter() - t0
+                codes[dev] = torch.cat([q.codes.cpu().reshape(-1) for q in out])
+            same = float((codes[device] == codes["cpu"]).double().mean())
+            rows.append(f"| {method}-{bits} | {times[device]:.2f} | {times[device] / total * 1e9:.1f} | "
+                        f"{times['cpu']:.2f} | {times['cpu'] / times[device]:.1f}× | {same:.4%} of bytes |")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- 4. model step
 
 
 def pixart_sigma(depth: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -294,11 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     parts = [f"# GPU check — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, "
              f"torch {torch.__version__}, triton {triton.__version__}"]
-    for title, fn in (("Correctness", check_correctness), ("Speed", check_speed), ("Model step", check_model)):
+    for title, fn in (("Correctness", check_correctness), ("Speed", check_speed), ("Quantizers", check_quantizers),
+                      ("Model step", check_model)):
         if title == "Model step" and args.skip_model:
             continue
         t = time.perf_counter()
-        body = fn(device, args.dry_run)
+        try:
+            body = fn(device, args.dry_run)
+        except Exception:  # one prepared run on a lent GPU: a broken part must not lose the others' tables
+            body = ["FAILED with an exception:", "", "```", traceback.format_exc().rstrip(), "```"]
         parts.append(f"\n## {title} ({time.perf_counter() - t:.0f} s)\n\n" + "\n".join(body))
         print(parts[-1], flush=True)
     parts.append(f"\ntotal {time.perf_counter() - t0:.0f} s")
@@ -307,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text("\n".join(parts) + "\n")
         tmp.replace(args.out)
-    return 0 if "FAILED" not in parts[1] else 1
+    return 0 if not any("FAILED" in part for part in parts[1:]) else 1
 
 
 if __name__ == "__main__":
