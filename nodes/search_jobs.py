@@ -25,7 +25,7 @@ from ..quant import option_table, quantizable_layers
 from ..quant.layer_table import layers_fingerprint
 from ..quant.quantizers import QUANTIZER_VERSION
 from ..quant.swap import ConfigSwapper
-from ..search.journal import Journal
+from ..search.journal import Journal, conditioning_digest
 from ..search.journal_file import JournalFile
 from ..search.objectives import DenoiseError, ImageDistance, StateRecorder, TrajectoryStates, states_cache_key
 from ..search.runner import Executor, SearchCancelled, SearchProgress, SearchResult, run_search
@@ -62,37 +62,13 @@ class SearchSpec:
         if self.width % 8 or self.height % 8 or min(self.width, self.height) < 16:
             raise ValueError(f"width/height must be multiples of 8 and ≥ 16, got {self.width}×{self.height}")
 
-    def settings(self, conditioning_digest: str) -> dict:
+    def settings(self, conditioning: str) -> dict:
         d = asdict(self)
         d["options"], d["keep"] = list(self.options), list(self.keep)
-        d["conditioning"] = conditioning_digest
+        d["conditioning"] = conditioning
         d["states_branch"] = "positive"  # denoise_error states: the conditional half of CFG batches
         d["quantizer"] = QUANTIZER_VERSION  # configs measured with other quantizers are another run
         return d
-
-
-def conditioning_digest(*conds) -> str:
-    """A hash of CONDITIONING tensors (prompts), part of the journal key."""
-    h = hashlib.sha256()
-
-    def visit(v) -> None:
-        if isinstance(v, torch.Tensor):
-            t = v.detach().to("cpu", torch.float32).contiguous()
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        elif isinstance(v, dict):
-            for k in sorted(v):
-                h.update(str(k).encode())
-                visit(v[k])
-        elif isinstance(v, list | tuple):
-            for x in v:
-                visit(x)
-        elif isinstance(v, int | float | str | bool) or v is None:
-            h.update(repr(v).encode())
-
-    for c in conds:
-        visit(c)
-    return h.hexdigest()[:16]
 
 
 def check_conditioning(cond, what: str) -> None:

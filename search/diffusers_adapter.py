@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import os
@@ -42,7 +41,7 @@ from ..quant.swap import ConfigSwapper
 from ..quant.table import OptionTable, option_table
 from .construct import Construction, evaluate_constructions, paper_rule
 from .graph import LayerGraph, trace_graph
-from .journal import Journal, Record
+from .journal import Journal, Record, conditioning_digest
 from .journal_file import JournalFile
 from .marginal import predicted_knapsack
 from .objectives import DenoiseError, StateRecorder, TrajectoryStates, states_cache_key
@@ -238,29 +237,6 @@ def _batch(cond: Mapping[str, Any]) -> int:
     if len(sizes) > 1:
         raise ValueError(f"conditioning tensors have different batch sizes {sorted(sizes)}: give one row per sample")
     return sizes.pop() if sizes else 1
-
-
-def conditioning_digest(*conds: Mapping[str, Any] | None) -> str:
-    """A hash of the conditioning kwargs (tensors by value), part of the journal key."""
-    h = hashlib.sha256()
-
-    def visit(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            h.update(repr((tuple(v.shape), str(v.dtype))).encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(v, Mapping):
-            for k in sorted(v):
-                h.update(repr(k).encode())
-                visit(v[k])
-        elif isinstance(v, list | tuple):
-            for x in v:
-                visit(x)
-        else:
-            h.update(repr(v).encode())
-
-    for c in conds:
-        visit(c)
-    return h.hexdigest()[:16]
 
 
 def record_states(model: nn.Module, scheduler: Any, conditioning: Mapping[str, Any], spec: DiffusersSpec,

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..quant.atomic import atomic_path
 from ..quant.options import parse_option
 from .journal_file import (
@@ -44,7 +46,7 @@ from .sampling import config_key
 
 __all__ = [
     "APPLICATION_ID", "JOURNAL_FORMAT", "SCHEMA_VERSION", "Journal", "JournalError", "JournalLocked",
-    "JournalReadOnly", "Record", "RunInfo",
+    "JournalReadOnly", "Record", "RunInfo", "conditioning_digest",
 ]
 
 
@@ -78,6 +80,33 @@ class Record:
             "created": self.created,
             "options": self.options,
         }
+
+
+def conditioning_digest(*conds: object) -> str:
+    """A hash of conditioning (prompts) by value, part of a run's settings and so of its journal key: tensors by
+    shape, dtype and bytes, mappings by sorted keys, sequences in order, plain scalars by ``repr``; any other
+    object by its type name only (a ``repr`` may hold a memory address, which would make every run a new one)."""
+    h = hashlib.sha256()
+
+    def visit(v: object) -> None:
+        if isinstance(v, torch.Tensor):
+            h.update(repr((tuple(v.shape), str(v.dtype))).encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, Mapping):
+            for k in sorted(v, key=str):
+                h.update(repr(k).encode())
+                visit(v[k])
+        elif isinstance(v, list | tuple):
+            for x in v:
+                visit(x)
+        elif isinstance(v, int | float | str | bool) or v is None:
+            h.update(repr(v).encode())
+        else:
+            h.update(type(v).__qualname__.encode())
+
+    for c in conds:
+        visit(c)
+    return h.hexdigest()[:16]
 
 
 def _canonical(obj: object, what: str) -> str:

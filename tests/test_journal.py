@@ -523,3 +523,23 @@ def test_kill9_at_random_moments_then_resume(tmp_path: Path) -> None:
     reference = tmp_path / "reference.sqlite"
     journal_worker.fill(reference, n)
     assert _content(path, sampler) == _content(reference, sampler)
+
+
+def test_conditioning_digest_is_by_value_and_ignores_object_identity():
+    import torch
+
+    from qua2sedimo.search.journal import conditioning_digest
+
+    class Hook:  # an object whose repr holds its address (ComfyUI puts such objects into conditioning dicts)
+        pass
+
+    t = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    cond = [[t, {"pooled_output": t[0, 0], "hook": Hook(), "strength": 1.0}]]
+    same = [[t.clone(), {"strength": 1.0, "hook": Hook(), "pooled_output": t[0, 0].clone()}]]
+    assert conditioning_digest(cond, None) == conditioning_digest(same, None)
+    changed = [[t + 1, {"pooled_output": t[0, 0], "hook": Hook(), "strength": 1.0}]]
+    assert conditioning_digest(changed, None) != conditioning_digest(cond, None)
+    assert conditioning_digest([[t.half(), cond[0][1]]], None) != conditioning_digest(cond, None)  # dtype counts
+    assert conditioning_digest(cond, None) != conditioning_digest(None, cond)  # positive vs negative
+    other = [[t, {"pooled_output": t[0, 0], "hook": Hook(), "strength": 0.5}]]
+    assert conditioning_digest(other, None) != conditioning_digest(cond, None)
