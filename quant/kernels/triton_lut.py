@@ -569,14 +569,16 @@ def _word_view(codes: torch.Tensor) -> torch.Tensor:
 
 
 def table_mode(bits: int, affine: bool, lut_dtype: torch.dtype, decode: str | None = None) -> int:
-    """The fused kernel's ``TABLE``: 1 (PTX ``prmt``) or 2 (emulated, interpreter) for 3/4-bit tables of 16-bit
-    entries under the ``"prmt"`` decode (default :data:`TABLE_DECODE`), else 0 (gather)."""
+    """The fused kernel's ``TABLE``: 1 (PTX ``prmt``; NVIDIA only) or 2 (emulated, interpreter) for 3/4-bit tables
+    of 16-bit entries under the ``"prmt"`` decode (default :data:`TABLE_DECODE`), else 0 (gather)."""
     decode = TABLE_DECODE if decode is None else decode
     if decode not in ("prmt", "gather"):
         raise ValueError(f"table decode must be 'prmt' or 'gather', got {decode!r}")
     if affine or bits not in (3, 4) or lut_dtype not in FUSED_DTYPES or decode != "prmt":
         return 0
-    return 2 if INTERPRET else 1
+    if INTERPRET:
+        return 2
+    return 0 if torch.version.hip else 1  # prmt is PTX: ROCm builds of Triton keep the gather
 
 
 def dequant_into(
