@@ -275,24 +275,50 @@ def uaq_codes(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS
     rows that stay in cache, one block per thread, with the clip candidates pruned (:func:`_uaq_block`). Everything
     is row-local, so each block also does its own setup and codes while in cache, on its row thread (no
     whole-tensor pass in torch's parallel regions, which stall on shared cores)."""
-    qmax = (1 << bits) - 1
-    step = max(1, _UAQ_BLOCK_ELEMS // w.shape[1]) if w.device.type == "cpu" else w.shape[0]
+    codes, lut, _ = _uaq(w, bits, None, alphas)
+    return codes, lut
 
-    def block(b: slice) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _uaq(w: torch.Tensor, bits: int, lut_dtype: torch.dtype | None, alphas: tuple[float, ...] = UAQ_ALPHAS):
+    """:func:`uaq_codes`; on CPU with ``lut_dtype`` also the error sums ``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` for the
+    table stored in that dtype, each block's while it is in cache (:func:`_block_error_sums`), else ``None``."""
+    qmax = (1 << bits) - 1
+    cpu = w.device.type == "cpu"
+    step = max(1, _UAQ_BLOCK_ELEMS // w.shape[1]) if cpu else w.shape[0]
+    with_sums = cpu and lut_dtype is not None
+
+    def block(b: slice) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float] | None]:
         wb = w[b]
         wmax, wmin, scale, delta, zero = _uaq_setup(wb, qmax, alphas)
         choice = _uaq_block(wb, wmax, wmin, delta, zero, scale, qmax)
         rows = torch.arange(wb.shape[0], device=w.device)
-        return _uaq_table(wb, wmax, wmin, delta[choice, rows], zero[choice, rows], qmax)
+        codes, lut = _uaq_table(wb, wmax, wmin, delta[choice, rows], zero[choice, rows], qmax)
+        sums = _block_error_sums(wb, codes, to_table_dtype(lut, lut_dtype).float()) if with_sums else None
+        return codes, lut, sums
 
-    def rows_of(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_of(part: slice) -> tuple[torch.Tensor, torch.Tensor, list]:
         # returned, not written into a shared tensor: ComfyUI runs nodes under inference mode, which the row
         # threads do not inherit, and a tensor made under it cannot be written outside it
         out = [block(slice(i, min(i + step, part.stop))) for i in range(part.start, part.stop, step)]
-        return torch.cat([c for c, _ in out]), torch.cat([t for _, t in out])
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), [o[2] for o in out]
 
     parts = _map_row_blocks(rows_of, w.shape[0], w.numel(), w.device)
-    return torch.cat([c for c, _ in parts]), torch.cat([t for _, t in parts])
+    sums = None
+    if with_sums:
+        blocks = [x for p in parts for x in p[2]]
+        sums = tuple(float(sum(x[i] for x in blocks)) for i in range(3))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sums
+
+
+def _block_error_sums(w: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor) -> tuple[float, float, float]:
+    """``(Σ (W−Q)², Σ |W−Q|^2.4, Σ W²)`` of rows ``w`` (fp32, CPU) for ``Q = lut[row, code]`` (fp32 values of the
+    stored table): the same values as :func:`_error_sums` (NumPy's pairwise fp32 sums, more accurate than torch's
+    here), while the block is in cache."""
+    d = torch.sub(w, lut.gather(1, codes.long())).square_()
+    dn, x = d.numpy().reshape(-1), w.numpy().reshape(-1)
+    with np.errstate(over="ignore"):  # an overflow to Inf is redone in fp64 (see quantize_weight)
+        sq = float(dn.sum())
+        return sq, float(_pow_(d, LP_NORM / 2).numpy().sum()), float(np.einsum("i,i->", x, x))
 
 
 def uaq_codes_reference(w: torch.Tensor, bits: int, alphas: tuple[float, ...] = UAQ_ALPHAS):
@@ -780,12 +806,13 @@ def quantize_weight(
                     f"{at}group size {group_size} does not divide the {k_in} input weights per channel; "
                     "choose a divisor (e.g. 64 or 128) or leave group_size unset"
                 )
-            codes, lut = uaq_codes(w.reshape(n_out * (k_in // group_size), group_size), bits)
+            codes, lut, sums = _uaq(w.reshape(n_out * (k_in // group_size), group_size), bits, lut_dtype)
             codes = codes.reshape(n_out, k_in)
         else:
-            codes, lut = uaq_codes(w, bits)
+            codes, lut, sums = _uaq(w, bits, lut_dtype)
         lut = to_table_dtype(lut, lut_dtype)
-        sums = _error_sums(w, codes, lut.float(), group_size)
+        if sums is None or not all(math.isfinite(x) for x in sums):  # not on CPU, or squares past fp32's range
+            sums = _error_sums(w, codes, lut.float(), group_size)
     elif method == "kmeans_c":  # errors from the sorted rows (see _sorted_error_sums)
         codes, lut, sums = _kmeans(weight.detach().reshape(n_out, k_in), bits, seed, lut_dtype=lut_dtype)
         lut = lut.to(lut_dtype)

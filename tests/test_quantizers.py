@@ -427,6 +427,28 @@ def test_uaq_clip_search_scores_few_candidates(monkeypatch):
     assert sum(fast) / 512 < 3.0 and sum(scored) / 512 < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [None, 64])
+def test_uaq_error_sums_in_the_row_blocks_match_the_whole_tensor_ones(dtype, group):
+    """UAQ's error metrics come from its row blocks while they are in cache: the same as the whole-tensor
+    computation (to fp32 summation order) on a layer of several blocks over two threads; and a row whose squared
+    errors pass fp32's range still gets finite errors (the fp64 fallback)."""
+    w = _uaq_rows("gauss-outliers", 1100, 640, seed=2).to(dtype)
+    if dtype == torch.float32:
+        w[5] *= 1e21  # squares ~1e40: Inf in fp32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        qw = quantize_weight(w, "uaq", 3, group_size=group)
+    finally:
+        torch.set_num_threads(threads)
+    codes, _ = quantizers.uaq_codes(w.float().reshape(-1, group or 640), 3)
+    sq, lp, norm = quantizers._error_sums(w.float(), codes.reshape(1100, 640), qw.lut.float(), group)
+    assert math.isfinite(qw.lp_error) and math.isfinite(qw.rel_error)
+    assert qw.rel_error == pytest.approx(sq / norm, rel=1e-6)
+    assert qw.lp_error == pytest.approx(lp / w.numel(), rel=1e-6)
+
+
 def test_uaq_under_inference_mode_on_row_threads():
     """ComfyUI runs nodes under inference mode: the clip search's row threads (a layer big enough to split) must not
     write into a tensor made under it ("Inplace update to inference tensor outside InferenceMode")."""
