@@ -148,7 +148,7 @@ class _UaqBounds:
         ``round(w/Δ) + z``, so the same values up to fp32 rounding)."""
         w, delta, zero, factor = self.w, self.delta[a], self.zero[a], self.factor[:, a]
         if rows is not None:
-            w, delta, zero, factor = w[rows], delta[rows], zero[rows], factor[rows]
+            w, delta, zero, factor = w.index_select(0, rows), delta[rows], zero[rows], factor[rows]
         k = w.shape[1]
         t = torch.mul(w, delta[:, None].reciprocal()).add_(zero[:, None])
         u = torch.round(t).clamp_(0, self.qmax).sub_(t).abs_()
@@ -213,13 +213,14 @@ def _uaq_block(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: t
         if sel is None:
             score[rows, cand] = _uaq_lp_errors_fast(w, delta_t[rows, cand], zero_t[rows, cand], scale, qmax)
         else:
-            score[sel, cand] = _uaq_lp_errors_fast(w[sel], delta_t[sel, cand], zero_t[sel, cand], scale[sel], qmax)
+            score[sel, cand] = _uaq_lp_errors_fast(w.index_select(0, sel), delta_t[sel, cand], zero_t[sel, cand],
+                                                   scale[sel], qmax)
 
     def refine(where: torch.Tensor) -> None:  # [r, A] bool: the moments' bound where asked (and not yet there)
         where = where & ~refined
         for a in torch.nonzero(where.any(dim=0)).flatten().tolist():
             sel = torch.nonzero(where[:, a]).flatten()
-            if len(sel) > r * 3 // 4:  # cheaper on the whole block than on a gathered copy of its rows
+            if len(sel) > r * 7 // 8:  # cheaper on the whole block than on a copy of its rows (index_select)
                 where[:, a] = True
                 bound[:, a] = torch.maximum(bound[:, a], bounds.moments(a))
             else:
@@ -234,14 +235,20 @@ def _uaq_block(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: t
     slack = bounds.factor.amin(dim=1, keepdim=True) * _SLACK
     while True:  # score the most promising open candidate of each row until no bound is below the best score
         limit = score.min(dim=1, keepdim=True).values.double() * (1 + _MARGIN) + slack
-        refine((bound <= limit) & torch.isinf(score))
+        open_ = (bound <= limit) & torch.isinf(score)
+        if int(open_.any(dim=1).sum()) <= r // 8:  # few rows left: all their open candidates at once, no more bounds
+            sel, cand = torch.nonzero(open_, as_tuple=True)
+            if len(sel):
+                score_rows(sel, cand)
+            break
+        refine(open_)
         open_bound = torch.where((bound <= limit) & torch.isinf(score), bound, float("inf"))
         pick = open_bound.argmin(dim=1)
         live = torch.isfinite(open_bound[rows, pick])
         n_live = int(live.sum())
         if n_live == 0:
             break
-        if n_live > r * 3 // 4:  # cheaper on the whole block (rows not live rescore a scored candidate)
+        if n_live > r * 15 // 16:  # cheaper on the whole block (rows not live rescore a scored candidate)
             score_rows(None, torch.where(live, pick, score.argmin(dim=1)))
         else:
             sel = torch.nonzero(live).flatten()
@@ -253,7 +260,7 @@ def _uaq_block(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: t
         near &= unsure
         for a in torch.nonzero(near.any(dim=0)).flatten().tolist():
             sel = torch.nonzero(near[:, a]).flatten()
-            score[sel, a] = _uaq_lp_errors(w[sel], delta[a, sel], zero[a, sel], scale[sel], qmax)
+            score[sel, a] = _uaq_lp_errors(w.index_select(0, sel), delta[a, sel], zero[a, sel], scale[sel], qmax)
     # the released rule: candidates in order, a later one replaces the best only if strictly lower
     return (score == score.min(dim=1, keepdim=True).values).to(torch.uint8).argmax(dim=1)
 
