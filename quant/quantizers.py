@@ -104,9 +104,10 @@ def check_weight(weight: torch.Tensor, name: str = "") -> None:
 def _uaq_candidates(wmax: torch.Tensor, wmin: torch.Tensor, qmax: int, alphas: tuple[float, ...]):
     """Per-row step ``Δ`` and zero point ``z`` of every clip factor: two ``[A, R]`` tensors (fp32 as the released
     code computes them; a degenerate step becomes 1)."""
-    delta = torch.stack([(a * wmax - a * wmin) / qmax for a in alphas])
+    al = torch.tensor(alphas, dtype=wmax.dtype, device=wmax.device)[:, None]  # fp32 like the scalars: same values
+    delta = (al * wmax - al * wmin) / qmax
     delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    zero = torch.round(-(torch.stack([a * wmin for a in alphas])) / delta)
+    zero = torch.round(-(al * wmin) / delta)
     return delta, zero
 
 
@@ -142,20 +143,27 @@ class _UaqBounds:
         self.w, self.delta, self.zero, self.scale, self.qmax = w, delta, zero, scale, qmax
         self.factor = _pow_(delta.double().t() / scale.double()[:, None], LP_NORM)  # [r, A]
 
-    def moments(self, a: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The bound of candidate ``a`` on ``rows`` (indices; all rows of the block by default): ``u = round(w/Δ +
-        z)`` clipped to the levels ``− (w/Δ + z)`` (at a tie a level of the same distance as the released code's
-        ``round(w/Δ) + z``, so the same values up to fp32 rounding)."""
-        w, delta, zero, factor = self.w, self.delta[a], self.zero[a], self.factor[:, a]
+    def sums(self, a: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Σ|u|, Σu²)`` (fp32) of candidate ``a`` on ``rows`` (indices; all rows of the block by default):
+        ``u = round(w/Δ + z)`` clipped to the levels ``− (w/Δ + z)`` (at a tie a level of the same distance as
+        the released code's ``round(w/Δ) + z``, so the same values up to fp32 rounding)."""
+        w, delta, zero = self.w, self.delta[a], self.zero[a]
         if rows is not None:
-            w, delta, zero, factor = w.index_select(0, rows), delta[rows], zero[rows], factor[rows]
-        k = w.shape[1]
+            w, delta, zero = w.index_select(0, rows), delta[rows], zero[rows]
         t = torch.mul(w, delta[:, None].reciprocal()).add_(zero[:, None])
         u = torch.round(t).clamp_(0, self.qmax).sub_(t).abs_()
-        m1 = u.sum(dim=1).double()
-        m2 = u.square_().sum(dim=1).double()  # m2^1.4 / m1^0.4 (means) = exp(1.4·ln m2 − 0.4·ln m1) / k
-        bound = m2.log_().mul_(1.4).sub_(m1.log_().mul_(0.4)).exp_().mul_(factor / k)
-        return torch.where(m2 > 0, bound, 0.0)
+        return u.sum(dim=1), u.square_().sum(dim=1)
+
+    def lyapunov(self, s1: torch.Tensor, s2: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """The bound from the :meth:`sums` (any shape, with the candidates' ``factor``): ``mean |u|^2.4 ≥
+        s2^1.4 / s1^0.4 / K``, fp64."""
+        s1, s2 = s1.double(), s2.double()
+        bound = s2.log().mul_(1.4).sub_(s1.log().mul_(0.4)).exp_().mul_(factor / self.w.shape[1])
+        return torch.where(s2 > 0, bound, 0.0)
+
+    def moments(self, a: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The bound of candidate ``a`` on ``rows`` (all rows of the block by default)."""
+        return self.lyapunov(*self.sums(a, rows), self.factor[:, a] if rows is None else self.factor[rows, a])
 
     def extremes(self, wmax: torch.Tensor, wmin: torch.Tensor) -> torch.Tensor:
         """A bound of every candidate ([r, A]) without a pass over the weights: the errors of the row's largest
@@ -205,6 +213,7 @@ def _uaq_block(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: t
     bounds = _UaqBounds(w, delta, zero, scale, qmax)
     bound = bounds.extremes(wmax, wmin)  # raised to the moments' bound where it cannot rule a candidate out
     refined = torch.zeros_like(bound, dtype=torch.bool)
+    s1, s2 = torch.zeros_like(bound, dtype=torch.float32), torch.zeros_like(bound, dtype=torch.float32)
     rows = torch.arange(r, device=w.device)
     score = torch.full((r, n_alpha), float("inf"), dtype=torch.float32, device=w.device)
     delta_t, zero_t = delta.t(), zero.t()
@@ -218,14 +227,18 @@ def _uaq_block(w: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, delta: t
 
     def refine(where: torch.Tensor) -> None:  # [r, A] bool: the moments' bound where asked (and not yet there)
         where = where & ~refined
-        for a in torch.nonzero(where.any(dim=0)).flatten().tolist():
+        todo = torch.nonzero(where.any(dim=0)).flatten().tolist()
+        if not todo:
+            return
+        for a in todo:  # the passes; the bounds from their sums all at once (small ops cost as much as a pass)
             sel = torch.nonzero(where[:, a]).flatten()
             if len(sel) > r * 7 // 8:  # cheaper on the whole block than on a copy of its rows (index_select)
                 where[:, a] = True
-                bound[:, a] = torch.maximum(bound[:, a], bounds.moments(a))
+                s1[:, a], s2[:, a] = bounds.sums(a)
             else:
-                bound[sel, a] = torch.maximum(bound[sel, a], bounds.moments(a, sel))
+                s1[sel, a], s2[sel, a] = bounds.sums(a, sel)
         refined.logical_or_(where)
+        torch.where(where, torch.maximum(bound, bounds.lyapunov(s1, s2, bounds.factor)), bound, out=bound)
 
     # a first score per row: the lowest moments' bound among candidates that look good (a rounding-error estimate
     # plus the clipped extremes)

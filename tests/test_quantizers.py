@@ -449,6 +449,20 @@ def test_uaq_error_sums_in_the_row_blocks_match_the_whole_tensor_ones(dtype, gro
     assert qw.lp_error == pytest.approx(lp / w.numel(), rel=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_uaq_candidates_are_the_released_per_alpha_values(bits):
+    """The ten steps and zero points come from one broadcast op: the same fp32 values as the released loop's
+    ``(α·max − α·min) / qmax`` and ``round(−α·min / Δ)`` with Python-float α."""
+    qmax = (1 << bits) - 1
+    w = _uaq_rows("mixed", 300, 64, seed=bits).float()
+    wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+    delta, zero = quantizers._uaq_candidates(wmax, wmin, qmax, UAQ_ALPHAS)
+    for i, a in enumerate(UAQ_ALPHAS):
+        d = (a * wmax - a * wmin) / qmax
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        assert torch.equal(delta[i], d) and torch.equal(zero[i], torch.round(-(a * wmin) / d))
+
+
 def test_uaq_under_inference_mode_on_row_threads():
     """ComfyUI runs nodes under inference mode: the clip search's row threads (a layer big enough to split) must not
     write into a tensor made under it ("Inplace update to inference tensor outside InferenceMode")."""
