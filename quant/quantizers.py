@@ -113,8 +113,8 @@ def _uaq_candidates(wmax: torch.Tensor, wmin: torch.Tensor, qmax: int, alphas: t
 
 def _uaq_levels(w: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
     """``q(w)·Δ`` for rows ``w`` [r, K] with their ``delta``/``zero`` [r]: round to nearest (ties to even), clip."""
-    d, z = delta[:, None], zero[:, None]
-    return (torch.clamp(torch.round(w / d) + z, 0, qmax) - z).mul_(d)
+    d, z = delta[:, None], zero[:, None]  # in place on one temporary: the same values as out of place
+    return torch.div(w, d).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(d)
 
 
 def _uaq_lp_errors(w: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
@@ -192,7 +192,8 @@ def _uaq_lp_errors_fast(w: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor
                         qmax: int) -> torch.Tensor:
     """:func:`_uaq_lp_errors` with ``|e|^2.4 = (e²)^1.2`` by :func:`_pow_` on the same errors ``e``: the same
     scores within a relative :data:`_FAST_REL` (the per-term rounding, a few ulp, and the two fp32 sums)."""
-    e = (w - _uaq_levels(w, delta, zero, qmax)).div_(scale[:, None])
+    e = _uaq_levels(w, delta, zero, qmax)
+    e = torch.sub(w, e, out=e).div_(scale[:, None])
     return _pow_(e.square_(), LP_NORM / 2).mean(dim=1)
 
 
