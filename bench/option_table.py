@@ -66,8 +66,8 @@ def main() -> None:
     total, cpu_total = time.perf_counter() - t_all, time.process_time() - cpu_all
     ref_rows = []
     if args.reference_uaq:
-        fast = quantizers.uaq_codes
-        quantizers.uaq_codes = quantizers.uaq_codes_reference
+        fast = quantizers._uaq  # what quantize_weight calls: codes, table and (on CPU) the error sums
+        quantizers._uaq = lambda w, bits, lut_dtype, *a: (*quantizers.uaq_codes_reference(w, bits, *a), None)
         try:
             for option in ("uaq-4", "uaq-3"):
                 t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> None:
                 )
                 ref_rows.append((option, seconds, same))
         finally:
-            quantizers.uaq_codes = fast
+            quantizers._uaq = fast
 
     lines = [
         f"Option table, full-size PixArt-Σ ({len(layers)} layers, {n_weights / 1e6:.0f} M weights, depth "

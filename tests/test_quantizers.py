@@ -359,28 +359,108 @@ def test_uaq_score_bounds_never_exceed_the_scores(kind):
     delta, zero = quantizers._uaq_candidates(wmax, wmin, qmax, UAQ_ALPHAS)
     bounds = quantizers._UaqBounds(w, delta, zero, scale, qmax)
     rows = torch.arange(w.shape[0])
+    extremes = bounds.extremes(wmax, wmin)
     scores, tight = [], []
     for a in range(len(UAQ_ALPHAS)):
         score = quantizers._uaq_lp_errors(w, delta[a], zero[a], scale, qmax).double()
         # fp32 rounding: the search's margin and per-row slack (rows quantized to ulp-level errors need the slack)
-        limit = score * (1 + quantizers._MARGIN) + quantizers._SLACK * bounds.factor[a]
-        for bound in (bounds.jensen(a), bounds.tangents(a, rows)):
-            assert (bound <= limit).all()
+        limit = score * (1 + quantizers._MARGIN) + quantizers._SLACK * bounds.factor[:, a]
+        for bound, at in ((bounds.moments(a), rows), (bounds.moments(a, rows[::3]), rows[::3]), (extremes[:, a], rows)):
+            assert (bound <= limit[at]).all()
         scores.append(score)
-        tight.append(bounds.tangents(a, rows))
+        tight.append(bounds.moments(a))
     best = torch.stack(scores).argmin(dim=0)
     ratio = torch.stack(tight)[best, rows] / torch.stack(scores)[best, rows]
     assert (ratio > 0.9).float().mean() > 0.9  # and not trivial where it matters: at the best candidate
 
 
+@pytest.mark.parametrize("kind", ["gauss-outliers", "heavy-tails", "uniform", "few-values", "mixed"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_uaq_fast_scores_are_within_their_stated_error(kind, bits):
+    """The search compares exp/log scores and trusts them to a relative _FAST_REL: measured ≥ 10x inside it."""
+    w = _uaq_rows(kind, 64, 1152, seed=5).half().float()
+    qmax = (1 << bits) - 1
+    _, _, scale, delta, zero = quantizers._uaq_setup(w, qmax, UAQ_ALPHAS)
+    for a in range(len(UAQ_ALPHAS)):
+        exact = quantizers._uaq_lp_errors(w, delta[a], zero[a], scale, qmax).double()
+        fast = quantizers._uaq_lp_errors_fast(w, delta[a], zero[a], scale, qmax).double()
+        assert ((fast - exact).abs() <= exact * quantizers._FAST_REL / 10 + quantizers._FAST_ABS).all()
+
+
+def test_uaq_choice_survives_fast_scores_off_by_their_stated_error(monkeypatch):
+    """Fast scores off by up to ±_FAST_REL (the worst the search allows for) must not change the choice: rows whose
+    best candidates are that close get exact scores. Rows picked where the best candidate's exact score is within
+    2e-5 of a later candidate's, which the perturbation (later candidates lower) puts ahead: without the rule the
+    choice changes, so the test can fail."""
+    qmax = 7
+    w = torch.randn(200_000, 32, generator=torch.Generator().manual_seed(0))
+    _, _, scale, delta, zero = quantizers._uaq_setup(w, qmax, UAQ_ALPHAS)
+    s = torch.stack([quantizers._uaq_lp_errors(w, delta[a], zero[a], scale, qmax) for a in range(10)]).double()
+    v, i = s.topk(2, dim=0, largest=False)
+    w = w[((v[1] - v[0]) < 2e-5 * v[0]) & (i[0] < i[1])]
+    assert len(w) >= 5
+    ref = quantizers.uaq_codes_reference(w, 3)
+    real, rel = quantizers._uaq_lp_errors_fast, quantizers._FAST_REL
+
+    def off(w, delta, *rest):  # relative ±_FAST_REL by clip factor: 1 − 0.8·_FAST_REL at α = 0.1, 1 + it at α = 1
+        alpha = delta * qmax / (w.amax(dim=1) - w.amin(dim=1))
+        return real(w, delta, *rest) * (1 + rel * (2 * alpha - 1))
+
+    monkeypatch.setattr(quantizers, "_uaq_lp_errors_fast", off)
+    codes, lut = quantizers.uaq_codes(w, 3)
+    assert torch.equal(codes, ref[0]) and torch.equal(lut, ref[1])
+    monkeypatch.setattr(quantizers, "_FAST_REL", 0.0)  # no exact scores for close rows: the choice changes
+    assert not torch.equal(quantizers.uaq_codes(w, 3)[1], ref[1])
+
+
 def test_uaq_clip_search_scores_few_candidates(monkeypatch):
-    """What makes UAQ fast: on PixArt-like rows the exact score (the pow) runs ~1.3 times per row, not 10."""
-    scored = []
+    """What makes UAQ fast: on PixArt-like rows ~2 scores per row by exp/log, not 10, and the pow on a few rows."""
+    scored, fast = [], []
     real = quantizers._uaq_lp_errors
     monkeypatch.setattr(quantizers, "_uaq_lp_errors", lambda w, *a: scored.append(w.shape[0]) or real(w, *a))
+    real_fast = quantizers._uaq_lp_errors_fast
+    monkeypatch.setattr(quantizers, "_uaq_lp_errors_fast", lambda w, *a: fast.append(w.shape[0]) or real_fast(w, *a))
     w = _uaq_rows("gauss-outliers", 512, 1152, seed=0).half().float()
     quantizers.uaq_codes(w, 4)
     assert sum(scored) / 512 < 2.0
+    # now nearly all scores are exp/log ones, ~2.3 per row, and the pow runs on a few rows only
+    assert sum(fast) / 512 < 3.0 and sum(scored) / 512 < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [None, 64])
+def test_uaq_error_sums_in_the_row_blocks_match_the_whole_tensor_ones(dtype, group):
+    """UAQ's error metrics come from its row blocks while they are in cache: the same as the whole-tensor
+    computation (to fp32 summation order) on a layer of several blocks over two threads; and a row whose squared
+    errors pass fp32's range still gets finite errors (the fp64 fallback)."""
+    w = _uaq_rows("gauss-outliers", 1100, 640, seed=2).to(dtype)
+    if dtype == torch.float32:
+        w[5] *= 1e21  # squares ~1e40: Inf in fp32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        qw = quantize_weight(w, "uaq", 3, group_size=group)
+    finally:
+        torch.set_num_threads(threads)
+    codes, _ = quantizers.uaq_codes(w.float().reshape(-1, group or 640), 3)
+    sq, lp, norm = quantizers._error_sums(w.float(), codes.reshape(1100, 640), qw.lut.float(), group)
+    assert math.isfinite(qw.lp_error) and math.isfinite(qw.rel_error)
+    assert qw.rel_error == pytest.approx(sq / norm, rel=1e-6)
+    assert qw.lp_error == pytest.approx(lp / w.numel(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_uaq_candidates_are_the_released_per_alpha_values(bits):
+    """The ten steps and zero points come from one broadcast op: the same fp32 values as the released loop's
+    ``(α·max − α·min) / qmax`` and ``round(−α·min / Δ)`` with Python-float α."""
+    qmax = (1 << bits) - 1
+    w = _uaq_rows("mixed", 300, 64, seed=bits).float()
+    wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+    delta, zero = quantizers._uaq_candidates(wmax, wmin, qmax, UAQ_ALPHAS)
+    for i, a in enumerate(UAQ_ALPHAS):
+        d = (a * wmax - a * wmin) / qmax
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        assert torch.equal(delta[i], d) and torch.equal(zero[i], torch.round(-(a * wmin) / d))
 
 
 def test_uaq_under_inference_mode_on_row_threads():
