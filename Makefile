@@ -15,7 +15,7 @@ COMFY033_TARBALL ?= $(or $(QUA2SEDIMO_COMFY033_TARBALL),../shared/hosts/comfyui-
 # quant/search unit tests do not touch ComfyUI and run once, on the first pass.
 HOST033_SELECT ?= -m "comfy_inproc or comfy_server"
 
-.PHONY: test test-host033 unit demo bench lint venv host host033 triton36 clean
+.PHONY: test test-host033 unit demo bench lint venv host host033 triton36 tritons clean
 
 venv: $(DEPS)
 
@@ -39,7 +39,7 @@ $(HOST_ENV): $(DEPS) .ci/install_comfy_host.sh
 
 # Both hosts: the whole suite on 0.3.75, then the host tests on 0.33.0 (skipped with one line where its tarball
 # is absent, i.e. outside CI; CI sets QUA2SEDIMO_REQUIRE_HOST and fails instead).
-test: host triton36
+test: host tritons
 	set -a && . ./$(HOST_ENV) && set +a && $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-host033
 
@@ -62,18 +62,30 @@ test-host033:
 	  echo "ComfyUI 0.33.0 host tests skipped: no $(COMFY033_TARBALL) (only CI has it; or set QUA2SEDIMO_COMFY033_TARBALL)"; \
 	fi
 
-# Triton 3.6 for the kernel compile check (tests/test_kernel_compile.py): a venv with only triton, which sees the
-# main venv's packages (torch, the editable package) after its own.
+# Other Tritons for the kernel compile check (tests/test_kernel_compile.py): 3.6 (a common GPU image; register
+# allocation differs), 3.3 and 3.2 (what torch 2.7 and 2.6 bring). Each a venv with only triton, which sees the main
+# venv's packages (torch, the editable package) after its own.
 T36 ?= .venv-triton36
-triton36: $(T36)/.qua2sedimo-triton36
-$(T36)/.qua2sedimo-triton36: $(DEPS)
-	test -x $(T36)/bin/python || $(PYTHON) -m venv $(T36)
-	$(T36)/bin/python -m pip install -q triton==3.6.0 2>&1 | grep -v "is ignored" || true
-	$(T36)/bin/python -c "import site, pathlib, sys; pathlib.Path(site.getsitepackages()[0], \
+T33 ?= .venv-triton33
+T32 ?= .venv-triton32
+define triton_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q triton==$(2) 2>&1 | grep -v "is ignored" || true
+	$(1)/bin/python -c "import site, pathlib, sys; pathlib.Path(site.getsitepackages()[0], \
 	  'zz_qua2sedimo_main_venv.pth').write_text('import site; site.addsitedir(%r)\n' % sys.argv[1])" \
 	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-	$(T36)/bin/python -c "import triton, torch; assert triton.__version__.startswith('3.6')"
+	$(1)/bin/python -c "import triton, torch; assert triton.__version__ == '$(2)'"
+	touch $(1)/.qua2sedimo-triton
+endef
+tritons: $(T36)/.qua2sedimo-triton36 $(T33)/.qua2sedimo-triton $(T32)/.qua2sedimo-triton
+triton36: $(T36)/.qua2sedimo-triton36
+$(T36)/.qua2sedimo-triton36: $(DEPS)
+	$(call triton_venv,$(T36),3.6.0)
 	touch $@
+$(T33)/.qua2sedimo-triton: $(DEPS)
+	$(call triton_venv,$(T33),3.3.1)
+$(T32)/.qua2sedimo-triton: $(DEPS)
+	$(call triton_venv,$(T32),3.2.0)
 
 unit: venv
 	$(PY) -m pytest -m "not comfy_inproc and not comfy_server" $(PYTEST_ARGS)
@@ -89,4 +101,4 @@ lint: venv
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(VENV033) $(T36) demo-output .pytest_cache
+	rm -rf $(VENV) $(VENV033) $(T36) $(T33) $(T32) demo-output .pytest_cache

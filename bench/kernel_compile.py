@@ -14,7 +14,8 @@ specialisation a launch computes: types, 16-byte divisibility, ``== 1`` integers
 
 Fails (exit 1) on a compile error, a spill, a GEMM without tensor-core MMA, or a variant over its per-weight target
 on sm_90 (``CompileVariant.max_per_weight``: the table and UAQ decodes on their 16-token main tiles, ≤ 5 at 4 bits,
-≤ 6 at 3).
+≤ 6 at 3). Triton < 3.4 (no ``JITFunction._pack_args``) compiles from argument types alone (:data:`PORTABLE`):
+there only compile errors and missing MMA fail; spills and counts are reported.
 ``--quick`` compiles the representative set CI runs; the default compiles every variant dispatch can launch.
 ``TRITON_INTERPRET`` must be unset.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -86,11 +88,11 @@ class Row:
         out = []
         if self.error:
             out.append(f"compile error: {self.error}")
-        if self.spill_insts or self.stack:
+        if (self.spill_insts or self.stack) and not PORTABLE:
             out.append(f"spills ({self.spill_insts} STL/LDL, {self.stack} B stack)")
         if self.gemm and self.mma == "-":
             out.append("GEMM without tensor-core MMA")
-        if self.max_per_weight is not None and self.arch == 90 and not self.error and \
+        if self.max_per_weight is not None and self.arch == 90 and not self.error and not PORTABLE and \
                 self.per_weight > self.max_per_weight:
             out.append(f"{self.per_weight:.2f} SASS instructions per weight > target {self.max_per_weight}")
         return out
@@ -113,9 +115,44 @@ class Recorder:
         triton_jit.JITFunction.run = self._orig
 
 
+#: Triton versions before 3.4 have no ``JITFunction._pack_args``: their launches are compiled from a signature built
+#: here (argument types only, none of the launch's divisibility specialisation), which checks that every variant
+#: compiles on them — the Triton that older torch builds bring (2.6: 3.2, 2.7: 3.3) — but not its code quality
+PORTABLE = not hasattr(triton_jit.JITFunction, "_pack_args")
+_PTR_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32",
+              "int64": "i64", "uint8": "u8", "int8": "i8"}
+
+
+def _portable_source(cap: Capture) -> tuple[ASTSource, dict]:
+    """``(ASTSource, options)`` of a launch from its arguments' types (pointers by tensor dtype, ints as i32 or i64,
+    floats as fp32) and its constexprs, for Triton versions without the launch binder's internals."""
+    fn = cap.fn
+    bound = dict(zip(fn.arg_names, cap.args, strict=False))
+    bound.update({k: v for k, v in cap.kwargs.items() if k in fn.arg_names})
+    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    consts, sig = {}, {}
+    for name in fn.arg_names:
+        v = bound[name]
+        if name in constexpr:
+            consts[name], sig[name] = v, "constexpr"
+        elif hasattr(v, "dtype") and hasattr(v, "data_ptr"):
+            sig[name] = "*" + _PTR_TYPES[str(v.dtype).removeprefix("torch.")]
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            raise TypeError(f"portable compile: argument {name}={v!r} has no signature type")
+        else:
+            sig[name] = "fp32" if isinstance(v, float) else "i32" if -(2**31) <= v < 2**31 else "i64"
+    kw = "constexprs" if "constexprs" in inspect.signature(ASTSource).parameters else "constants"
+    options = {k: cap.kwargs[k] for k in ("num_warps", "num_stages") if k in cap.kwargs}
+    return ASTSource(fn, sig, **{kw: consts}), options
+
+
 def compile_capture(cap: Capture, arch: int):
-    """Bind ``cap`` with Triton's launch binder for ``sm_<arch>`` and compile it (mirrors ``JITFunction.run``)."""
+    """Bind ``cap`` with Triton's launch binder for ``sm_<arch>`` and compile it (mirrors ``JITFunction.run``;
+    :data:`PORTABLE`: from :func:`_portable_source`)."""
     target = GPUTarget("cuda", arch, 32)
+    if PORTABLE:
+        src, options = _portable_source(cap)
+        return triton.compile(src, target=target, options=options)
     backend = make_backend(target)
     fn = cap.fn
     kwargs = dict(cap.kwargs)
@@ -233,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         per_arch = [_measure_arch(j) for j in jobs]
     rows = sorted((r for rows in per_arch for r in rows), key=lambda r: (r.variant, r.arch))
-    text = (f"triton {triton.__version__}, {len(rows)} compiles in {time.perf_counter() - t0:.0f} s\n\n" + table(rows))
+    text = (f"triton {triton.__version__}, {len(rows)} compiles in {time.perf_counter() - t0:.0f} s"
+            + (" (portable signature: compile errors and MMA checked; spills and per-weight targets only reported)"
+               if PORTABLE else "") + "\n\n" + table(rows))
     print(text)
     if args.out:
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

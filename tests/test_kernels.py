@@ -461,13 +461,16 @@ def test_table_mode_picks_the_register_lookup_for_3_and_4_bit_tables():
 
 
 @needs_triton
-def test_table_mode_keeps_the_gather_on_rocm(monkeypatch):
-    """``prmt`` is PTX: a ROCm build (``torch.version.hip``) compiling for AMD keeps the gather decode."""
+def test_table_mode_keeps_the_gather_on_rocm_and_old_triton(monkeypatch):
+    """``prmt`` is PTX: a ROCm build (``torch.version.hip``) compiling for AMD keeps the gather decode; so does a
+    Triton without tuple arguments (3.2)."""
     monkeypatch.setattr(tri, "INTERPRET", False)
     monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
     assert tri.table_mode(4, False, torch.float16, "prmt") == 0
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     assert tri.table_mode(4, False, torch.float16, "prmt") == 1
+    monkeypatch.setattr(tri, "TUPLE_ARGS", False)  # Triton 3.2: no tuple arguments
+    assert tri.table_mode(4, False, torch.float16, "prmt") == 0
 
 
 def test_table_decode_setting_is_validated_at_import():

@@ -61,6 +61,8 @@ FUSED_MAX_M = int(os.environ.get("QUA2SEDIMO_FUSED_MAX_M", "256"))
 #: how the fused GEMM looks up 3/4-bit tables: "prmt" (byte planes in registers, PTX ``prmt``; emulated with shifts
 #: under the interpreter) or "gather" (one global load per weight, the previous decode)
 TABLE_DECODE = os.environ.get("QUA2SEDIMO_TABLE_DECODE", "prmt")
+#: the byte planes travel as a tuple through the decode's functions: Triton 3.2 (torch 2.6) takes no tuple arguments
+TUPLE_ARGS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
 if TABLE_DECODE not in ("prmt", "gather"):
     raise ValueError(f"QUA2SEDIMO_TABLE_DECODE must be 'prmt' or 'gather', got {TABLE_DECODE!r}")
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -284,7 +286,7 @@ def _weights(q_ptr, rn, lr, d, t, one, stride_qw, hi_off_w, k0, K, BITS: tl.cons
         wd = tl.load(row + kw[None, :])
     if AFFINE and BITS == 2:  # code at the top of the mantissa: 1 + c / 2**BITS
         d, t = d * (1 << BITS), t - d * (1 << BITS)
-    if BITS == 3 and AFFINE and BK >= 128:
+    if (BITS == 3 and AFFINE) and BK >= 128:
         # lo words 2p, 2p+1 share hi word p (its low and high 16 bits): one load, no shifts
         if MASKED:
             hi = tl.load(row + hi_off_w + k0 // 32 + tl.arange(0, BK // 32)[None, :],
@@ -406,7 +408,7 @@ def _lut_gemm_kernel(
     # tl.full, not tl.zeros/tl.cdiv: those are Triton's own @jit library functions, which stay compiled-mode
     # functions when something (torch._dynamo, diffusers) imported triton before TRITON_INTERPRET was set
     acc = tl.full((BN, BM), 0.0, dtype=tl.float32)
-    if BITS == 3 or BITS == 4 or not AFFINE:
+    if (BITS == 3 or BITS == 4) or not AFFINE:
         for k0 in range(k_lo, k_full, BK):  # whole K-blocks: no masks
             acc = _step(acc, x_cols, q_ptr, rq, tb, d, t, one_bits, stride_qw, hi_off_w, k0, K, BITS, AFFINE,
                         UPCAST, False, BN, BK, TABLE, lut_ptr.dtype.element_ty)
@@ -569,8 +571,8 @@ def _word_view(codes: torch.Tensor) -> torch.Tensor:
 
 
 def table_mode(bits: int, affine: bool, lut_dtype: torch.dtype, decode: str | None = None) -> int:
-    """The fused kernel's ``TABLE``: 1 (PTX ``prmt``; NVIDIA only) or 2 (emulated, interpreter) for 3/4-bit tables
-    of 16-bit entries under the ``"prmt"`` decode (default :data:`TABLE_DECODE`), else 0 (gather)."""
+    """The fused kernel's ``TABLE``: 1 (PTX ``prmt``; NVIDIA, Triton ≥ 3.3) or 2 (emulated, interpreter) for
+    3/4-bit tables of 16-bit entries under the ``"prmt"`` decode (default :data:`TABLE_DECODE`), else 0 (gather)."""
     decode = TABLE_DECODE if decode is None else decode
     if decode not in ("prmt", "gather"):
         raise ValueError(f"table decode must be 'prmt' or 'gather', got {decode!r}")
@@ -578,7 +580,9 @@ def table_mode(bits: int, affine: bool, lut_dtype: torch.dtype, decode: str | No
         return 0
     if INTERPRET:
         return 2
-    return 0 if torch.version.hip else 1  # prmt is PTX: ROCm builds of Triton keep the gather
+    if torch.version.hip or not TUPLE_ARGS:  # prmt is PTX: ROCm builds keep the gather, as do Tritons before 3.3
+        return 0
+    return 1
 
 
 def dequant_into(
