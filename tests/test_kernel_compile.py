@@ -27,9 +27,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("tri
 
 
 def _env() -> dict[str, str]:
+    """The subprocess environment: this process's import path without its interpreter's own directories (the
+    stdlib, site-packages): those would put this environment's Triton ahead of the other venv's own."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT.parent)] + sys.path))
+    own = [p for p in sys.path if p and "site-packages" not in p and not p.startswith((sys.prefix, sys.base_prefix))]
+    env.update(TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT.parent)] + own))
     return env
 
 
@@ -48,6 +50,8 @@ def test_kernels_compile_without_spills_with_mma():
     results = {name: (p.wait(timeout=900), p.stdout.read()) for name, p in procs.items()}
     for name, (rc, out) in results.items():
         assert rc == 0 and "kernel_compile: ok" in out, f"{name}:\n{out[-6000:]}"
+    if "triton 3.6" in procs:  # the other venv's own Triton ran, not this environment's
+        assert results["triton 3.6"][1].startswith("triton 3.6."), results["triton 3.6"][1][:200]
     if "triton 3.6" not in procs:
         pytest.skip(f"Triton 3.6 compile check skipped: no {PY36} (`make triton36` builds it)")
 
@@ -62,6 +66,7 @@ def test_kernels_compile_on_older_triton():
     procs = {name: _start(str(py)) for name, py in present.items()}
     results = {name: (p.wait(timeout=900), p.stdout.read()) for name, p in procs.items()}
     for name, (rc, out) in results.items():
+        assert out.startswith(name + "."), f"{name}: another Triton ran: {out[:200]}"
         assert rc == 0 and "kernel_compile: ok" in out and "portable signature" in out, f"{name}:\n{out[-6000:]}"
     if missing:
         pytest.skip(f"compile check skipped for {missing}: no venv (`make tritons` builds them)")
